@@ -1,0 +1,305 @@
+//! Pure-Rust upstream client: pooled keep-alive HTTP/1.1 to the backends, streamed response bodies.
+//!
+//! Invariants: the idle pool is unbounded per backend, so concurrency is never capped by the pool
+//! (every in-flight request owns a connection, idle ones are reused); a response body is read frame
+//! by frame and never buffered whole unless the caller asks for it; dropping a `Response` or
+//! aborting its `BodyReader` before the end closes that connection instead of returning it.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::errors::{Error, Phase, Result};
+
+/// The four limits of one upstream exchange.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect to the backend.
+    pub connect: Duration,
+    /// From sending the request to the response's status line (time to first token for streams).
+    pub first_byte: Duration,
+    /// Longest silence between two body chunks.
+    pub idle: Duration,
+    /// The whole exchange, body included.
+    pub total: Duration,
+}
+
+/// Headers that describe one hop, not the message, and so are never forwarded (RFC 9110 §7.6.1);
+/// `host` and `content-length` are recomputed for the upstream hop.
+fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | "content-length"
+            | "expect"
+    )
+}
+
+/// A pooled client shared by every request of the process.
+pub struct Upstream {
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeouts: Timeouts,
+}
+
+impl Upstream {
+    pub fn new(timeouts: Timeouts, pool_idle_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(timeouts.connect));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(pool_idle_timeout)
+            // NOTE: a capped idle pool smaller than the client concurrency makes every burst
+            // reconnect (nginx loses 60% of its throughput that way): keep them all.
+            .pool_max_idle_per_host(usize::MAX)
+            .build(connector);
+        Self { client, timeouts }
+    }
+
+    /// Build an upstream request from the client's method, headers and untouched body bytes.
+    pub fn build_request(method: &str, url: &str, headers: &[(String, String)], body: Bytes) -> Result<Request<Full<Bytes>>> {
+        let method = Method::from_bytes(method.as_bytes())
+            .map_err(|_| Error::InvalidArgument(format!("invalid HTTP method {method:?}")))?;
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| Error::InvalidArgument(format!("invalid upstream URL {url:?}: {e}")))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| Error::InvalidArgument(format!("upstream URL {url:?} has no host")))?
+            .clone();
+        let mut map = HeaderMap::with_capacity(headers.len() + 1);
+        for (name, value) in headers {
+            let lower = name.to_ascii_lowercase();
+            if is_hop_by_hop(&lower) {
+                continue;
+            }
+            let (Ok(name), Ok(value)) = (HeaderName::from_bytes(lower.as_bytes()), HeaderValue::from_str(value))
+            else {
+                // A header we cannot re-encode is dropped rather than failing the request.
+                continue;
+            };
+            map.append(name, value);
+        }
+        let host = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| Error::InvalidArgument(format!("invalid upstream authority {authority}")))?;
+        map.insert(hyper::header::HOST, host);
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = map;
+        Ok(request)
+    }
+
+    /// Send the request and wait for the status line and headers (bounded by the first-byte and
+    /// total timeouts); the body is left to the returned reader.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response> {
+        let authority = request.uri().authority().map_or_else(String::new, |a| a.to_string());
+        let start = Instant::now();
+        let deadline = start + self.timeouts.total;
+        let wait = self.timeouts.first_byte.min(self.timeouts.total);
+        let response = match tokio::time::timeout(wait, self.client.request(request)).await {
+            Err(_) => {
+                let phase = if self.timeouts.first_byte <= self.timeouts.total {
+                    Phase::FirstByte
+                } else {
+                    Phase::Total
+                };
+                return Err(Error::Timeout { authority, phase });
+            }
+            Ok(Err(err)) => return Err(classify(&authority, &err)),
+            Ok(Ok(response)) => response,
+        };
+        let (parts, body) = response.into_parts();
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(name, _)| !is_hop_by_hop(name.as_str()))
+            .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .collect();
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers,
+            body: BodyReader {
+                body: Some(body),
+                deadline,
+                idle: self.timeouts.idle,
+                authority,
+                abort: Arc::new(Abort::default()),
+            },
+        })
+    }
+}
+
+/// Turn hyper's error into ours: a failed connect is the only failure where nothing was sent.
+fn classify(authority: &str, err: &hyper_util::client::legacy::Error) -> Error {
+    let authority = authority.to_owned();
+    if err.is_connect() {
+        return Error::Connect {
+            authority,
+            reason: root_cause(err),
+        };
+    }
+    Error::Protocol {
+        authority,
+        reason: root_cause(err),
+    }
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Status line and headers of an upstream answer, and the reader of its body.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: BodyReader,
+}
+
+/// Lets another thread stop a body read that is waiting for the backend.
+#[derive(Default)]
+pub struct Abort {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Abort {
+    pub fn trigger(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads a response body frame by frame under the idle and total timeouts.
+pub struct BodyReader {
+    body: Option<Incoming>,
+    deadline: Instant,
+    idle: Duration,
+    authority: String,
+    abort: Arc<Abort>,
+}
+
+impl BodyReader {
+    /// The handle that aborts this reader from elsewhere.
+    pub fn abort_handle(&self) -> Arc<Abort> {
+        self.abort.clone()
+    }
+
+    /// Next chunk of the body as the backend sent it, or `None` at the end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            if self.abort.is_set() {
+                self.body = None;
+            }
+            let Some(body) = self.body.as_mut() else {
+                return Ok(None);
+            };
+            let now = Instant::now();
+            if now >= self.deadline {
+                self.body = None;
+                return Err(self.timeout(Phase::Total));
+            }
+            let (limit, phase) = if self.deadline - now < self.idle {
+                (self.deadline - now, Phase::Total)
+            } else {
+                (self.idle, Phase::Idle)
+            };
+            let abort = self.abort.clone();
+            let frame = tokio::select! {
+                frame = tokio::time::timeout(limit, body.frame()) => frame,
+                () = abort.notify.notified() => {
+                    self.body = None;
+                    return Ok(None);
+                }
+            };
+            match frame {
+                Err(_) => {
+                    self.body = None;
+                    return Err(self.timeout(phase));
+                }
+                Ok(None) => {
+                    self.body = None;
+                    return Ok(None);
+                }
+                Ok(Some(Err(err))) => {
+                    self.body = None;
+                    return Err(Error::Protocol {
+                        authority: self.authority.clone(),
+                        reason: root_cause(&err),
+                    });
+                }
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The rest of the body in one buffer (for answers the client receives whole).
+    pub async fn read_all(&mut self) -> Result<Bytes> {
+        let Some(first) = self.next_chunk().await? else {
+            return Ok(Bytes::new());
+        };
+        let Some(second) = self.next_chunk().await? else {
+            // NOTE: the common case (one frame) is handed over without a copy.
+            return Ok(first);
+        };
+        let mut buffer = BytesMut::with_capacity(first.len() + second.len());
+        buffer.extend_from_slice(&first);
+        buffer.extend_from_slice(&second);
+        while let Some(chunk) = self.next_chunk().await? {
+            buffer.extend_from_slice(&chunk);
+        }
+        Ok(buffer.freeze())
+    }
+
+    /// Drop the body now: the connection is closed, not returned to the pool.
+    pub fn abort(&mut self) {
+        self.body = None;
+    }
+
+    fn timeout(&self, phase: Phase) -> Error {
+        Error::Timeout {
+            authority: self.authority.clone(),
+            phase,
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "client_tests.rs"]
+mod tests;
