@@ -1,0 +1,148 @@
+"""The `ntonix` command line: `run` the gateway, print its effective `config`, start a `mock` backend.
+
+`run` and `config` share one set of options, which sit on top of the
+`NTONIX_*` environment variables and the config file (precedence CLI >
+environment > file > defaults, see `ntonix.config`). Bad configuration ends
+the command with one `ntonix: <message>` line on stderr and exit status 2,
+never a traceback; malformed option values are click usage errors (also 2).
+The server module is imported only by `run`, so `config` and `--help` stay
+quick and work without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from ntonix import __version__
+from ntonix.config import (
+    LOG_LEVELS,
+    ConfigError,
+    Settings,
+    load_settings,
+    load_settings_with_sources,
+    settings_to_dict,
+)
+from ntonix.logs import setup_logging
+
+__all__ = ["main"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_EPILOG = (
+    "Environment: NTONIX_CONFIG, NTONIX_PORT, NTONIX_SSL_PORT, NTONIX_THREADS, NTONIX_BIND_ADDRESS, "
+    "NTONIX_BACKENDS (HOST:PORT[:WEIGHT],...), NTONIX_LOG_LEVEL. "
+    "Precedence: command line > environment > config file > defaults."
+)
+
+_OPTIONS = (
+    click.option(
+        "--config",
+        "config_path",
+        metavar="PATH",
+        help="JSON config file (default: $NTONIX_CONFIG, else built-in defaults).",
+    ),
+    click.option("--port", type=int, metavar="N", help="HTTP port, server.port [default: 8080]."),
+    click.option(
+        "--ssl-port",
+        type=int,
+        metavar="N",
+        help="HTTPS port when ssl.enabled, server.ssl_port [default: 8443].",
+    ),
+    click.option(
+        "--threads", type=int, metavar="N", help="I/O threads, server.threads [default: number of CPUs]."
+    ),
+    click.option(
+        "--bind",
+        "bind_address",
+        metavar="ADDR",
+        help="Listen address, server.bind_address [default: 0.0.0.0].",
+    ),
+    click.option(
+        "--backend",
+        "backends",
+        multiple=True,
+        metavar="HOST:PORT[:WEIGHT]",
+        help="Upstream LLM server; repeat for several. Replaces the config file's backend list.",
+    ),
+    click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS, case_sensitive=False),
+        metavar="LEVEL",
+        help=f"Application log level, logging.level: {', '.join(LOG_LEVELS)} [default: info].",
+    ),
+)
+
+
+def _settings_options(func: _F) -> _F:
+    for option in reversed(_OPTIONS):
+        func = option(func)
+    return func
+
+
+def _overrides(options: dict[str, Any]) -> dict[str, object]:
+    """The CLI mapping for `load_settings`: None means 'not given', like an empty --backend list."""
+    overrides: dict[str, object] = dict(options)
+    overrides["backends"] = list(options["backends"]) or None
+    return overrides
+
+
+def _fail(error: ConfigError) -> NoReturn:
+    click.echo(f"ntonix: {error}", err=True)
+    raise SystemExit(2)
+
+
+@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="ntonix")
+def main() -> None:
+    """NTONIX: an OpenAI-compatible gateway that caches, balances and streams for local LLM servers."""
+
+
+@main.command(epilog=_EPILOG)
+@_settings_options
+def run(config_path: str | None, **options: Any) -> None:
+    """Start the gateway (HTTP on --port; HTTPS on --ssl-port too when ssl.enabled). SIGHUP reloads."""
+    overrides = _overrides(options)
+    try:
+        settings = load_settings(config_path, os.environ, overrides)
+        setup_logging(settings.logging)
+        from ntonix.server import serve
+
+        serve(settings, reload=lambda: load_settings(config_path, os.environ, overrides))
+    except ConfigError as error:
+        _fail(error)
+
+
+@main.command(epilog=_EPILOG)
+@_settings_options
+@click.option("--sources", is_flag=True, help="Also print where each key's value came from.")
+def config(config_path: str | None, sources: bool, **options: Any) -> None:
+    """Print the effective configuration as JSON (shape of the config file); exit 2 when invalid."""
+    try:
+        settings, origins = load_settings_with_sources(config_path, os.environ, _overrides(options))
+    except ConfigError as error:
+        _fail(error)
+    click.echo(json.dumps(_config_document(settings, origins if sources else None), indent=2))
+
+
+def _config_document(settings: Settings, origins: dict[str, str] | None) -> dict[str, object]:
+    data = settings_to_dict(settings)
+    return data if origins is None else {"config": data, "sources": origins}
+
+
+def _add_mock() -> None:
+    # Guarded while ntonix/mock.py is being written; becomes a plain import once it lands.
+    try:
+        from ntonix.mock import mock_command
+    except ModuleNotFoundError as error:
+        if error.name != "ntonix.mock":
+            raise
+        return
+    main.add_command(mock_command, "mock")
+
+
+_add_mock()

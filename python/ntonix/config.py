@@ -1,0 +1,587 @@
+"""Gateway configuration: typed settings, their sources and their validation.
+
+Settings are frozen msgspec structs, one per section of the JSON config file
+(`config/ntonix.json`). They are built from four layers merged key by key with
+the precedence CLI > environment (`NTONIX_*`) > config file > defaults, so a
+file that sets only `server.port` keeps every other default; a backend list
+from the CLI or `NTONIX_BACKENDS` replaces the file's list as a whole. Every
+problem (unreadable file, bad JSON, unknown key, wrong type, value out of
+range, missing certificate, no backend) is raised as one `ConfigError` whose
+text is a single line naming the offending key and value, fit to print as is.
+Relative paths (certificates) are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, NamedTuple, TypeAlias, cast
+
+import msgspec
+
+__all__ = [
+    "BackendConfig",
+    "CacheConfig",
+    "CircuitBreakerConfig",
+    "ConfigError",
+    "HealthCheckConfig",
+    "LoggingConfig",
+    "ProxyConfig",
+    "ServerConfig",
+    "Settings",
+    "SslConfig",
+    "load_settings",
+    "load_settings_with_sources",
+    "parse_backend",
+    "settings_to_dict",
+]
+
+LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat: TypeAlias = Literal["text", "json"]
+Origin: TypeAlias = Literal["cli", "env", "file", "default"]
+
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS: tuple[str, ...] = ("text", "json")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; `str(error)` is one line meant for the operator."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.splitlines()))
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # HTTP listening port.
+    port: int = 8080
+    # HTTPS listening port, used only when ssl.enabled.
+    ssl_port: int = 8443
+    # Runtime I/O threads of the single worker process (defaults to the CPU count).
+    threads: int = msgspec.field(default_factory=_cpu_count)
+    # Address both listeners bind to.
+    bind_address: str = "0.0.0.0"
+    # On SIGTERM/SIGINT, how long requests in flight may take to finish.
+    shutdown_grace_seconds: float = 30.0
+
+
+class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Backend host name or IP address (IPv6 without brackets).
+    host: str
+    # Backend HTTP port.
+    port: int
+    # Share of traffic relative to the other backends (smooth weighted round-robin).
+    weight: int = 1
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Whether identical requests are answered from the response cache.
+    enabled: bool = True
+    # Cap on cached bytes (0 disables storing).
+    max_size_mb: int = 512
+    # Lifetime of a cached answer.
+    ttl_seconds: float = 3600.0
+    # Whether completed streamed (SSE) answers are cached and replayed too.
+    streaming: bool = False
+
+
+class SslConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Serve HTTPS on server.ssl_port in addition to HTTP on server.port.
+    enabled: bool = False
+    # PEM certificate (chain) file.
+    cert_file: str = "server.crt"
+    # PEM private key file.
+    key_file: str = "server.key"
+
+
+class LoggingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Minimum level of application log lines.
+    level: LogLevel = "info"
+    # Log file path; empty means no file.
+    file: str = ""
+    # Size at which the log file is rotated (may be fractional).
+    max_file_size_mb: float = 100.0
+    # Number of rotated files kept besides the active one.
+    max_files: int = 5
+    # Log to stderr.
+    enable_console: bool = True
+    # Colour the console level names (only on a terminal, or with FORCE_COLOR).
+    enable_colors: bool = True
+    # "text" lines or one JSON object per line.
+    format: LogFormat = "text"
+    # One access line per request, independent of `level`.
+    access_log: bool = True
+
+
+class HealthCheckConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Path probed with GET on each backend.
+    path: str = "/health"
+    # Time between two probes of one backend.
+    interval_seconds: float = 5.0
+    # Time a probe may take before it counts as failed.
+    timeout_seconds: float = 2.0
+    # Consecutive successes that make an unhealthy backend healthy.
+    healthy_threshold: int = 2
+    # Consecutive failures that make a healthy backend unhealthy.
+    unhealthy_threshold: int = 3
+
+
+class CircuitBreakerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Consecutive request failures that open a backend's circuit.
+    failure_threshold: int = 5
+    # Time an open circuit waits before letting one trial request through.
+    open_seconds: float = 30.0
+
+
+class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Time to establish the upstream TCP connection.
+    connect_timeout_seconds: float = 2.0
+    # Time from sending the request to the first response byte.
+    ttfb_timeout_seconds: float = 120.0
+    # Longest silence allowed between two chunks of a streamed answer.
+    stream_idle_timeout_seconds: float = 60.0
+    # Upper bound on a whole non-streamed exchange.
+    request_timeout_seconds: float = 600.0
+    # Extra attempts on other backends when connecting fails (never after a byte was sent).
+    retries: int = 2
+    # Largest accepted request body.
+    max_body_size_mb: float = 32.0
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Listeners and process.
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    # Upstream LLM servers; at least one is required.
+    backends: tuple[BackendConfig, ...] = ()
+    # Response cache.
+    cache: CacheConfig = msgspec.field(default_factory=CacheConfig)
+    # TLS listener.
+    ssl: SslConfig = msgspec.field(default_factory=SslConfig)
+    # Application and access logs.
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    # Active health checks.
+    health_check: HealthCheckConfig = msgspec.field(default_factory=HealthCheckConfig)
+    # Passive failure counting per backend.
+    circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
+    # Upstream forwarding limits.
+    proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+
+
+# --------------------------------------------------------------------------- backends
+
+_BACKEND_FORMAT = "expected HOST:PORT or HOST:PORT:WEIGHT"
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
+def parse_backend(spec: str) -> BackendConfig:
+    """Parse `host:port`, `host:port:weight` or `[ipv6]:port[:weight]`."""
+    text = spec.strip()
+    host, numbers = _split_host(text, spec)
+    if not host or any(ch.isspace() or ch in "/[]@" for ch in host) or len(numbers) not in (1, 2):
+        raise ConfigError(f"invalid backend {spec!r}: {_BACKEND_FORMAT}")
+    if not all(_DIGITS.fullmatch(n) for n in numbers):
+        raise ConfigError(f"invalid backend {spec!r}: port and weight must be integers")
+    port, weight = int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else 1
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"invalid backend {spec!r}: port must be in 1..65535, got {port}")
+    if weight < 1:
+        raise ConfigError(f"invalid backend {spec!r}: weight must be >= 1, got {weight}")
+    return BackendConfig(host=host, port=port, weight=weight)
+
+
+def _split_host(text: str, spec: str) -> tuple[str, list[str]]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text[end + 1 :].startswith(":"):
+            raise ConfigError(f"invalid backend {spec!r}: {_BACKEND_FORMAT}")
+        return text[1:end], text[end + 2 :].split(":")
+    host, *numbers = text.split(":")
+    if len(numbers) > 2:
+        raise ConfigError(f"invalid backend {spec!r}: {_BACKEND_FORMAT} (put IPv6 addresses in brackets)")
+    return host, numbers
+
+
+def _backend_dicts(specs: list[str]) -> list[dict[str, object]]:
+    return [cast(dict[str, object], msgspec.to_builtins(parse_backend(s))) for s in specs]
+
+
+# --------------------------------------------------------------------------- layers
+
+Raw: TypeAlias = dict[str, Any]
+
+# CLI mapping key -> (dotted key, option name shown in messages).
+_CLI_KEYS: dict[str, tuple[str, str]] = {
+    "port": ("server.port", "--port"),
+    "ssl_port": ("server.ssl_port", "--ssl-port"),
+    "threads": ("server.threads", "--threads"),
+    "bind_address": ("server.bind_address", "--bind"),
+    "backends": ("backends", "--backend"),
+    "log_level": ("logging.level", "--log-level"),
+}
+
+
+def _env_int(value: str) -> object:
+    if not re.fullmatch(r"[+-]?[0-9]+", value.strip()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _env_backends(value: str) -> object:
+    specs = [part for part in value.split(",") if part.strip()]
+    if not specs:
+        raise ValueError(f"expected HOST:PORT[:WEIGHT],..., got {value!r}")
+    return _backend_dicts(specs)
+
+
+def _env_level(value: str) -> object:
+    return value.strip().lower()
+
+
+# Environment variable -> (dotted key, parser of the raw string).
+_ENV_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
+    "NTONIX_PORT": ("server.port", _env_int),
+    "NTONIX_SSL_PORT": ("server.ssl_port", _env_int),
+    "NTONIX_THREADS": ("server.threads", _env_int),
+    "NTONIX_BIND_ADDRESS": ("server.bind_address", str.strip),
+    "NTONIX_BACKENDS": ("backends", _env_backends),
+    "NTONIX_LOG_LEVEL": ("logging.level", _env_level),
+}
+
+
+def _read_file(path: str) -> Raw:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r}: not valid UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path!r}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: expected a JSON object at the top level")
+    return data
+
+
+def _set(raw: Raw, key: str, value: object) -> None:
+    section, _, leaf = key.partition(".")
+    if not leaf:
+        raw[section] = value
+        return
+    target = raw.setdefault(section, {})
+    if isinstance(target, dict):  # otherwise msgspec reports the section's wrong type
+        target[leaf] = value
+
+
+def _has(raw: Raw, key: str) -> bool:
+    section, _, leaf = key.partition(".")
+    if not leaf:
+        return section in raw
+    target = raw.get(section)
+    return isinstance(target, dict) and leaf in target
+
+
+class _Layers:
+    """The merged raw document plus, per dotted key, where its value came from."""
+
+    def __init__(self) -> None:
+        self.raw: Raw = {}
+        self.origin: dict[str, Origin] = {}
+        self.label: dict[str, str] = {}
+        self.file_label = ""
+
+    def load_file(self, path: str) -> None:
+        self.raw = _read_file(path)
+        for key in _leaf_keys():
+            if _has(self.raw, key):
+                self._mark(key, "file", f"config file {path!r}")
+        self.file_label = f"config file {path!r}"
+
+    def apply_env(self, env: Mapping[str, str]) -> None:
+        for name, (key, parse) in _ENV_KEYS.items():
+            text = env.get(name, "")
+            if not text.strip():
+                continue  # an empty variable counts as unset
+            try:
+                value = parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"invalid environment variable {name}: {exc}") from None
+            self._put(key, value, "env", name)
+
+    def apply_cli(self, cli: Mapping[str, object]) -> None:
+        for name, value in cli.items():
+            if name not in _CLI_KEYS:
+                raise ConfigError(f"unknown command-line setting {name!r}")
+            if value is None or (name == "backends" and not value):
+                continue
+            key, option = _CLI_KEYS[name]
+            self._put(key, _cli_value(name, option, value), "cli", option)
+
+    def normalise(self) -> None:
+        """Accept "INFO" for "info": upper-case levels are what Python habits write."""
+        section = self.raw.get("logging")
+        if isinstance(section, dict) and isinstance(section.get("level"), str):
+            section["level"] = section["level"].lower()
+
+    def _put(self, key: str, value: object, origin: Origin, label: str) -> None:
+        _set(self.raw, key, value)
+        self._mark(key, origin, label)
+
+    def _mark(self, key: str, origin: Origin, label: str) -> None:
+        self.origin[key] = origin
+        self.label[key] = label
+
+    def describe(self, path: str) -> str:
+        """` (from X)` naming the layer that set `path`, its closest parent, or else the file."""
+        for key in _prefixes(path):
+            if key in self.label:
+                return f" (from {self.label[key]})"
+        if path in _LEAF_KEYS:
+            return " (default)"
+        return f" (from {self.file_label})" if self.file_label else ""  # only a file has other keys
+
+
+def _cli_value(name: str, option: str, value: object) -> object:
+    if name == "backends":
+        specs = [value] if isinstance(value, str) else list(cast(Any, value))
+        try:
+            return _backend_dicts([str(s) for s in specs])
+        except ConfigError as exc:
+            raise ConfigError(f"{option}: {exc}") from None
+    if name == "log_level" and isinstance(value, str):
+        return value.strip().lower()
+    return value
+
+
+def _prefixes(path: str) -> Iterator[str]:
+    while path:
+        yield path
+        cut = max(path.rfind("."), path.rfind("["))
+        path = path[:cut] if cut > 0 else ""
+
+
+def _section_type(name: str) -> type[msgspec.Struct] | None:
+    for field in msgspec.structs.fields(Settings):
+        if field.name == name and isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            return field.type
+    return None
+
+
+def _leaf_keys() -> Iterator[str]:
+    for field in msgspec.structs.fields(Settings):
+        section = _section_type(field.name)
+        if section is None:
+            yield field.name
+        else:
+            yield from (f"{field.name}.{sub.name}" for sub in msgspec.structs.fields(section))
+
+
+_LEAF_KEYS = frozenset(_leaf_keys())
+
+
+# --------------------------------------------------------------------------- errors from msgspec
+
+_ERROR = re.compile(r"(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?")
+_TYPE_NAMES = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "bool": "true or false",
+    "object": "an object",
+    "array": "an array",
+}
+_CHOICES = {"logging.level": LOG_LEVELS, "logging.format": LOG_FORMATS}
+_MISSING = object()
+
+
+def _translate(error: msgspec.ValidationError, layers: _Layers) -> ConfigError:
+    match = _ERROR.fullmatch(str(error))
+    assert match is not None  # the pattern matches any text
+    message, path = match["msg"], (match["path"] or "").lstrip(".")
+    field = re.fullmatch(r"Object (contains unknown|missing required) field `(.*)`", message)
+    if field and field[1] == "contains unknown":
+        key = _join(path, field[2])
+        return ConfigError(
+            f"invalid configuration: unknown key {key!r}{_suggest(path, field[2])}{layers.describe(path)}"
+        )
+    if field:
+        key = _join(path, field[2])
+        return ConfigError(f"invalid configuration: {key}: required key missing{layers.describe(path)}")
+    value = _lookup(layers.raw, path)
+    shown = "" if value is _MISSING else _show(value)
+    expected = re.fullmatch(r"Expected `(\w+)`, got `\w+`", message)
+    if expected:
+        detail = f"expected {_TYPE_NAMES.get(expected[1], expected[1])}, got {shown}"
+    elif message.startswith("Invalid enum value") and path in _CHOICES:
+        detail = f"expected one of {', '.join(_CHOICES[path])}, got {shown}"
+    else:
+        detail = message[:1].lower() + message[1:]
+    return ConfigError(f"invalid configuration: {path or '(top level)'}: {detail}{layers.describe(path)}")
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _suggest(path: str, name: str) -> str:
+    known = _known_fields(path)
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _known_fields(path: str) -> list[str]:
+    struct = BackendConfig if path.startswith("backends") else _section_type(path) if path else Settings
+    return [f.name for f in msgspec.structs.fields(struct)] if struct is not None else []
+
+
+def _lookup(raw: object, path: str) -> object:
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        if index and isinstance(raw, list) and int(index) < len(raw):
+            raw = raw[int(index)]
+        elif name and isinstance(raw, dict) and name in raw:
+            raw = raw[name]
+        else:
+            return _MISSING
+    return raw
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+class _Rule(NamedTuple):
+    ok: Callable[[Any], bool]
+    expected: str
+
+
+_PORT = _Rule(lambda v: 1 <= v <= 65535, "an integer in 1..65535")
+_ONE_OR_MORE = _Rule(lambda v: v >= 1, "an integer >= 1")
+_NOT_NEGATIVE = _Rule(lambda v: v >= 0, "a number >= 0")  # NaN fails: comparisons with NaN are false
+_NOT_NEGATIVE_INT = _Rule(lambda v: v >= 0, "an integer >= 0")
+_POSITIVE = _Rule(lambda v: v > 0, "a number > 0")
+_NOT_BLANK = _Rule(lambda v: bool(v.strip()), "a non-empty string")
+
+# Every rule msgspec's types cannot express, by dotted key.
+_RULES: dict[str, _Rule] = {
+    "server.port": _PORT,
+    "server.ssl_port": _PORT,
+    "server.threads": _ONE_OR_MORE,
+    "server.bind_address": _NOT_BLANK,
+    "server.shutdown_grace_seconds": _NOT_NEGATIVE,
+    "cache.max_size_mb": _NOT_NEGATIVE_INT,
+    "cache.ttl_seconds": _POSITIVE,
+    "logging.max_file_size_mb": _POSITIVE,
+    "logging.max_files": _ONE_OR_MORE,
+    "health_check.path": _Rule(lambda v: v.startswith("/"), "a path starting with /"),
+    "health_check.interval_seconds": _POSITIVE,
+    "health_check.timeout_seconds": _POSITIVE,
+    "health_check.healthy_threshold": _ONE_OR_MORE,
+    "health_check.unhealthy_threshold": _ONE_OR_MORE,
+    "circuit_breaker.failure_threshold": _ONE_OR_MORE,
+    "circuit_breaker.open_seconds": _POSITIVE,
+    "proxy.connect_timeout_seconds": _POSITIVE,
+    "proxy.ttfb_timeout_seconds": _POSITIVE,
+    "proxy.stream_idle_timeout_seconds": _POSITIVE,
+    "proxy.request_timeout_seconds": _POSITIVE,
+    "proxy.retries": _NOT_NEGATIVE_INT,
+    "proxy.max_body_size_mb": _POSITIVE,
+}
+_BACKEND_RULES: dict[str, _Rule] = {"host": _NOT_BLANK, "port": _PORT, "weight": _ONE_OR_MORE}
+
+
+def _values(s: Settings) -> Iterator[tuple[str, Any, _Rule]]:
+    for key, rule in _RULES.items():
+        section, leaf = key.split(".")
+        yield key, getattr(getattr(s, section), leaf), rule
+    for i, backend in enumerate(s.backends):
+        for leaf, rule in _BACKEND_RULES.items():
+            yield f"backends[{i}].{leaf}", getattr(backend, leaf), rule
+
+
+def _validate(s: Settings, layers: _Layers) -> None:
+    for key, value, rule in _values(s):
+        if not rule.ok(value):
+            origin = layers.describe(key)
+            raise ConfigError(
+                f"invalid configuration: {key}: expected {rule.expected}, got {_show(value)}{origin}"
+            )
+    if not s.backends:
+        raise ConfigError(
+            "invalid configuration: backends: at least one backend is required "
+            "(config file 'backends', NTONIX_BACKENDS or --backend)"
+        )
+    if s.ssl.enabled:
+        _validate_ssl(s, layers)
+
+
+def _validate_ssl(s: Settings, layers: _Layers) -> None:
+    for key, path in (("ssl.cert_file", s.ssl.cert_file), ("ssl.key_file", s.ssl.key_file)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration: {key}: cannot read {path!r}: {exc.strerror or exc}"
+                f"{layers.describe(key)}"
+            ) from None
+    if s.server.port == s.server.ssl_port:
+        raise ConfigError(
+            f"invalid configuration: server.ssl_port: must differ from server.port when ssl.enabled, "
+            f"got {s.server.ssl_port} for both{layers.describe('server.ssl_port')}"
+        )
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_settings_with_sources(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, object] | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """Build validated settings and, per dotted key, its origin: cli, env, file or default."""
+    env = os.environ if env is None else env
+    layers = _Layers()
+    path = config_path if config_path is not None else (env.get("NTONIX_CONFIG") or None)
+    if path is not None:
+        layers.load_file(path)
+    layers.apply_env(env)
+    layers.apply_cli(cli or {})
+    layers.normalise()
+    try:
+        settings = msgspec.convert(layers.raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise _translate(exc, layers) from None
+    _validate(settings, layers)
+    sources = {key: layers.origin.get(key, "default") for key in _leaf_keys()}  # file order
+    return settings, cast(dict[str, str], sources)
+
+
+def load_settings(
+    config_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, object] | None = None,
+) -> Settings:
+    """Build validated settings from CLI > environment > config file > defaults."""
+    return load_settings_with_sources(config_path, env, cli)[0]
+
+
+def settings_to_dict(settings: Settings) -> dict[str, object]:
+    """The settings as plain JSON-able data, in the shape of the config file."""
+    data = cast(dict[str, object], msgspec.to_builtins(settings))
+    data["backends"] = list(cast(tuple[object, ...], data["backends"]))
+    return data

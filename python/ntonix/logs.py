@@ -1,0 +1,186 @@
+"""Application and access logging for the gateway, on the standard `logging` module.
+
+`setup_logging` configures two loggers from `LoggingConfig`: `ntonix` (the
+application, filtered by `level`) and its child `ntonix.access` (one line per
+request, switched by `access_log` alone, like nginx's access log next to its
+error log). Lines go to stderr (level names coloured on a terminal or with
+`FORCE_COLOR`, never with `NO_COLOR`) and, when `file` is set, to a file
+rotated by size and count. The text format is
+`2026-11-26T04:46:30.123Z INFO ntonix: message` followed by `key=value`
+fields; the JSON format writes one object per line with `ts`, `level`,
+`logger`, `msg` and the same fields. Values a client controls (request id,
+path) are quoted and escaped when needed, so no client can forge a log line.
+Calling `setup_logging` again replaces the handlers it installed before.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import re
+import sys
+import time
+from typing import IO, Any, Final
+
+import msgspec
+
+from ntonix.config import ConfigError, LoggingConfig
+
+__all__ = ["ACCESS_LOGGER", "APP_LOGGER", "log_access", "setup_logging"]
+
+APP_LOGGER: Final = "ntonix"
+ACCESS_LOGGER: Final = "ntonix.access"
+_MIB: Final = 1024 * 1024
+_FIELDS: Final = "ntonix_fields"  # LogRecord attribute holding structured fields
+
+_app = logging.getLogger(APP_LOGGER)
+_access = logging.getLogger(ACCESS_LOGGER)
+_installed: list[logging.Handler] = []
+
+_COLOURS: Final = {
+    logging.DEBUG: "\x1b[36m",  # cyan
+    logging.INFO: "\x1b[32m",  # green
+    logging.WARNING: "\x1b[33m",  # yellow
+    logging.ERROR: "\x1b[31m",  # red
+    logging.CRITICAL: "\x1b[1;31m",  # bold red
+}
+_RESET: Final = "\x1b[0m"
+# Printable ASCII except space, '"', '=' and '\': such a value is written bare, anything else JSON-quoted.
+_BARE: Final = re.compile(r"[!#-<>-\[\]-~]+")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+def _text_value(value: object) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    text = str(value)
+    return text if _BARE.fullmatch(text) else msgspec.json.encode(text).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`<ts> LEVEL logger: message key=value ...`, level name optionally coloured."""
+
+    def __init__(self, colours: bool = False) -> None:
+        super().__init__()
+        self.colours = colours
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = record.levelname
+        if self.colours:
+            level = f"{_COLOURS.get(record.levelno, '')}{level}{_RESET}"
+        line = f"{_timestamp(record)} {level} {record.name}: {record.getMessage()}"
+        fields: dict[str, object] | None = getattr(record, _FIELDS, None)
+        if fields:
+            line += "".join(f" {key}={_text_value(value)}" for key, value in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, structured fields, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "ts": _timestamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields: dict[str, object] | None = getattr(record, _FIELDS, None)
+        if fields:
+            obj.update(fields)
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return msgspec.json.encode(obj, enc_hook=str).decode()
+
+
+def _wants_colour(cfg: LoggingConfig, stream: IO[str]) -> bool:
+    if not cfg.enable_colors:
+        return False
+    if os.environ.get("FORCE_COLOR", "") not in ("", "0"):
+        return True
+    if os.environ.get("NO_COLOR"):
+        return False
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _console_handler(cfg: LoggingConfig) -> logging.Handler:
+    stream = sys.stderr
+    handler = logging.StreamHandler(stream)
+    colours = cfg.format == "text" and _wants_colour(cfg, stream)
+    handler.setFormatter(TextFormatter(colours) if cfg.format == "text" else JsonFormatter())
+    return handler
+
+
+def _file_handler(cfg: LoggingConfig) -> logging.Handler:
+    try:
+        handler = logging.handlers.RotatingFileHandler(
+            cfg.file,
+            maxBytes=max(1, int(cfg.max_file_size_mb * _MIB)),
+            backupCount=cfg.max_files,
+            encoding="utf-8",
+        )
+    except OSError as exc:
+        raise ConfigError(f"logging.file: cannot open {cfg.file!r}: {exc.strerror or exc}") from None
+    handler.setFormatter(TextFormatter() if cfg.format == "text" else JsonFormatter())
+    return handler
+
+
+def setup_logging(cfg: LoggingConfig) -> None:
+    """Install the configured handlers on `ntonix`, replacing any this function installed before."""
+    handlers = [_console_handler(cfg)] if cfg.enable_console else []
+    if cfg.file:
+        handlers.append(_file_handler(cfg))  # raises ConfigError before anything is replaced
+    if not handlers:
+        handlers.append(logging.NullHandler())  # else logging's last resort would print to stderr
+    for old in _installed:
+        _app.removeHandler(old)
+        old.close()
+    _installed[:] = handlers
+    for handler in handlers:
+        _app.addHandler(handler)
+    _app.setLevel(cfg.level.upper())
+    _app.propagate = False  # our lines are formatted here; a root handler would print them twice
+    _access.setLevel(logging.INFO if cfg.access_log else logging.CRITICAL + 1)
+    _app.disabled = _access.disabled = False  # a dictConfig(disable_existing_loggers=True) may have run
+
+
+def log_access(
+    request_id: str,
+    method: str,
+    path: str,
+    backend: str,
+    status: int,
+    cache: str,
+    bytes_sent: int,
+    latency_ms: float,
+    ttfb_ms: float | None,
+) -> None:
+    """Write one access line; returns at once when access logging is off."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "id": request_id,
+        "method": method,
+        "path": path,
+        "backend": backend,
+        "status": status,
+        "cache": cache,
+        "bytes": bytes_sent,
+        "latency_ms": round(latency_ms, 2),
+        "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
+    }
+    # makeRecord + handle skips Logger._log's stack walk for the caller's file and line.
+    record = _access.makeRecord(
+        ACCESS_LOGGER, logging.INFO, "", 0, "access", (), None, extra={_FIELDS: fields}
+    )
+    _access.handle(record)

@@ -1,0 +1,369 @@
+"""The chat request pipeline, as named phases.
+
+`request_filter` (content type, size, JSON shape) → `cache_lookup` (hit,
+coalesce onto an identical request in flight, or miss) → `select` a backend →
+`forward` (retry on another backend while nothing was sent to the client) →
+`respond` (whole answer, or SSE chunks as they arrive) → `record` (cache fill,
+metrics, access log).
+
+Retry safety, written down: only a failure before the backend's status line
+(connect refused, reset before any answer) goes to another backend, never the
+same one twice, and never once a byte reached the client. A timeout is not
+retried (the backend may still be generating; retrying would double the load).
+A client that leaves cancels the upstream request at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ntonix import logs
+from ntonix.cache_policy import cache_directives, cache_key, parse_chat
+from ntonix.errors import (
+    GatewayError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeoutError,
+)
+
+if TYPE_CHECKING:
+    from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
+    from ntonix.balancer import Backend, SelectionPolicy
+    from ntonix.config import Settings
+    from ntonix.metrics import Metrics
+
+log = logging.getLogger("ntonix.proxy")
+
+CHAT_ROUTE = "/v1/chat/completions"
+JSON = "application/json"
+_pack = msgspec.msgpack.Encoder().encode
+_unpack = msgspec.msgpack.Decoder(list[bytes]).decode
+
+
+class Answer(msgspec.Struct, frozen=True):
+    """A whole answer, shared with requests coalesced onto it."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+class Exchange:
+    """Per-request context carried through the phases (pingora's CTX)."""
+
+    __slots__ = ("backend", "bytes_sent", "cache", "request_id", "started", "status", "ttfb_ms")
+
+    def __init__(self, request_id: str, started: float) -> None:
+        self.request_id = request_id
+        self.started = started
+        self.backend = "-"
+        self.cache = "-"
+        self.status = 500
+        self.bytes_sent = 0
+        self.ttfb_ms: float | None = None
+
+
+class Proxy:
+    """Answers `POST /v1/chat/completions` for one gateway process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        forwarder: Forwarder,
+        cache: ResponseCache | None,
+        metrics: Metrics,
+        policy: Callable[[], SelectionPolicy],
+    ) -> None:
+        self.forwarder = forwarder
+        self.cache = cache
+        self.cache_streams = settings.cache.streaming
+        self.metrics = metrics
+        self.policy = policy
+        self.retries = settings.proxy.retries
+        self.max_body = int(settings.proxy.max_body_size_mb * 1024 * 1024)
+        self.inflight: dict[int, asyncio.Future[Answer]] = {}
+        self._id_prefix = os.urandom(6).hex() + "-"
+        self._id_counter = 0
+
+    def new_request_id(self) -> str:
+        self._id_counter += 1
+        return f"{self._id_prefix}{self._id_counter:x}"
+
+    async def handle(self, scope: Any, proto: Any) -> None:
+        """Run the whole pipeline for one request; never raises to Granian."""
+        metrics = self.metrics
+        metrics.requests_total += 1
+        metrics.requests_active += 1
+        headers = scope.headers
+        ex = Exchange(headers.get("x-request-id") or self.new_request_id(), time.perf_counter())
+        try:
+            await self._pipeline(scope, proto, headers, ex)
+        except GatewayError as err:
+            self._error(proto, ex, err)
+        except asyncio.CancelledError:
+            ex.status = 499
+            metrics.client_disconnects += 1
+            raise
+        except Exception:
+            log.exception("request %s failed inside the gateway", ex.request_id)
+            self._error(proto, ex, GatewayError(500, "internal_error", "internal gateway error"))
+        finally:
+            latency_ms = (time.perf_counter() - ex.started) * 1000.0
+            metrics.finish(ex.status, latency_ms)
+            logs.log_access(
+                ex.request_id, scope.method, scope.path, ex.backend, ex.status, ex.cache,
+                ex.bytes_sent, latency_ms, ex.ttfb_ms,
+            )
+
+    def _error(self, proto: Any, ex: Exchange, err: GatewayError) -> None:
+        body = err.body()
+        ex.status = err.status
+        ex.bytes_sent = len(body)
+        proto.response_bytes(err.status, [("content-type", JSON), ("x-request-id", ex.request_id)], body)
+
+    # -- phases -----------------------------------------------------------------------------
+
+    async def _pipeline(self, scope: Any, proto: Any, headers: Any, ex: Exchange) -> None:
+        body = await self._request_filter(proto, headers)
+        request = parse_chat(body)
+        stream = request.get("stream") is True
+        no_cache, no_store = cache_directives(headers.get("cache-control"))
+        key: int | None = None
+        if self.cache is not None and not no_store and (not stream or self.cache_streams):
+            key = cache_key(CHAT_ROUTE, request)
+            ex.cache = "MISS"
+            if not no_cache and await self._cache_lookup(proto, key, stream, ex):
+                return
+            self.metrics.cache_misses += 1
+        if stream:
+            await self._forward_stream(scope, proto, headers, body, key, ex)
+            return
+        leader: asyncio.Future[Answer] | None = None
+        if key is not None and not no_cache:
+            leader = asyncio.get_running_loop().create_future()
+            self.inflight[key] = leader
+        try:
+            answer = await self._forward_whole(scope, proto, headers, body, ex)
+        except BaseException as exc:
+            if leader is not None:
+                self._release_waiters(key, leader, exc)
+            raise
+        if key is not None and 200 <= answer.status < 300:
+            assert self.cache is not None
+            self.cache.put(key, answer.body, _content_type(answer.headers))
+        if leader is not None:
+            self.inflight.pop(key, None)  # type: ignore[arg-type]
+            leader.set_result(answer)
+        self._respond_whole(proto, answer, ex)
+
+    async def _request_filter(self, proto: Any, headers: Any) -> bytes:
+        content_type = headers.get("content-type")
+        if not content_type or content_type.split(";", 1)[0].strip().lower() != JSON:
+            raise GatewayError(415, "unsupported_media_type", "Content-Type must be application/json")
+        declared = headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise GatewayError(400, "invalid_request", "invalid Content-Length") from None
+            if size > self.max_body:
+                raise GatewayError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+            return bytes(await proto())
+        buffer = bytearray()
+        async for chunk in proto:
+            buffer += chunk
+            if len(buffer) > self.max_body:
+                raise GatewayError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
+        return bytes(buffer)
+
+    async def _cache_lookup(self, proto: Any, key: int, stream: bool, ex: Exchange) -> bool:
+        """Answer from the cache or from an identical request in flight; False on a miss."""
+        assert self.cache is not None
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.metrics.cache_hits += 1
+            body, content_type = hit
+            ex.cache = "HIT"
+            ex.status = 200
+            headers = [("content-type", content_type), ("x-request-id", ex.request_id), ("x-cache", "HIT")]
+            if stream:
+                await self._replay_stream(proto, headers, body, ex)
+            else:
+                ex.bytes_sent = len(body)
+                proto.response_bytes(200, headers, body)
+            return True
+        leader = None if stream else self.inflight.get(key)
+        if leader is None:
+            return False
+        self.metrics.coalesced += 1
+        try:
+            answer = await asyncio.shield(leader)
+        except asyncio.CancelledError:
+            if not leader.cancelled():
+                raise  # this client left
+            return False  # the leader's client left: make our own request
+        ex.cache = "COALESCED"
+        self._respond_whole(proto, answer, ex)
+        return True
+
+    def _release_waiters(self, key: int | None, leader: asyncio.Future[Answer], exc: BaseException) -> None:
+        """The leader failed: waiters get the same gateway error, or retry if its client left."""
+        if key is not None and self.inflight.get(key) is leader:
+            del self.inflight[key]
+        if isinstance(exc, GatewayError):
+            leader.set_exception(exc)
+            leader.exception()  # mark retrieved: waiters may be none
+        else:
+            leader.cancel()
+
+    async def _select_and_send(self, proto: Any, headers: Any, body: bytes, ex: Exchange, buffer: bool
+                               ) -> tuple[Backend, UpstreamResponse]:
+        """Pick backends and send until one answers; retries only what is safe to retry."""
+        forward_headers = headers.items()
+        if "x-request-id" not in headers:
+            forward_headers.append(("x-request-id", ex.request_id))
+        policy = self.policy()
+        tried: list[Backend] = []
+        last: UpstreamError | None = None
+        for attempt in range(self.retries + 1):
+            backend = policy.select(tried)
+            if backend is None:
+                break
+            if attempt:
+                self.metrics.retries += 1
+            tried.append(backend)
+            ex.backend = backend.key
+            started = time.perf_counter()
+            backend.in_flight += 1
+            try:
+                response = await self._send_watching(proto, backend, forward_headers, body, buffer)
+            except (UpstreamConnectError, UpstreamProtocolError) as err:
+                self._backend_failed(backend, started)
+                log.warning("request %s: backend %s failed before answering: %s", ex.request_id,
+                            backend.key, err)
+                last = err
+                continue
+            except UpstreamTimeoutError as err:
+                self._backend_failed(backend, started)
+                raise GatewayError(504, "upstream_timeout", f"backend did not answer in time: {err}") from None
+            except BaseException:
+                backend.breaker.on_release()
+                raise
+            finally:
+                backend.in_flight -= 1
+            if response.status >= 500:
+                self._backend_failed(backend, started)
+            else:
+                backend.breaker.on_success()
+                backend.record((time.perf_counter() - started) * 1000.0, failed=False)
+            return backend, response
+        if isinstance(last, UpstreamProtocolError):
+            raise GatewayError(502, "bad_gateway", f"backend failed: {last}")
+        raise GatewayError(503, "no_healthy_backend", "no healthy backend is available")
+
+    def _backend_failed(self, backend: Backend, started: float) -> None:
+        backend.record((time.perf_counter() - started) * 1000.0, failed=True)
+        if backend.breaker.on_failure(time.monotonic()):
+            log.warning("circuit opened for backend %s", backend.key)
+
+    async def _send_watching(self, proto: Any, backend: Backend, headers: list[tuple[str, str]], body: bytes,
+                             buffer: bool) -> UpstreamResponse:
+        """Send upstream; if the client disconnects first, cancel (closing the upstream socket)."""
+        pending = self.forwarder.request("POST", backend.chat_url, headers, body, buffer)
+        watcher = asyncio.ensure_future(proto.client_disconnect())
+        watcher.add_done_callback(lambda _: pending.cancel())
+        try:
+            return await pending
+        finally:
+            watcher.cancel()
+
+    async def _forward_whole(self, scope: Any, proto: Any, headers: Any, body: bytes, ex: Exchange) -> Answer:
+        backend, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
+        data = response.body or b""
+        return Answer(response.status, response.headers, data)
+
+    def _respond_whole(self, proto: Any, answer: Answer, ex: Exchange) -> None:
+        headers = [*answer.headers, ("x-request-id", ex.request_id)]
+        if ex.cache != "-":
+            headers.append(("x-cache", ex.cache))
+        ex.status = answer.status
+        ex.bytes_sent = len(answer.body)
+        proto.response_bytes(answer.status, headers, answer.body)
+
+    async def _forward_stream(self, scope: Any, proto: Any, headers: Any, body: bytes, key: int | None,
+                              ex: Exchange) -> None:
+        backend, response = await self._select_and_send(proto, headers, body, ex, buffer=False)
+        out = [*response.headers, ("x-request-id", ex.request_id)]
+        if ex.cache != "-":
+            out.append(("x-cache", ex.cache))
+        ex.status = response.status
+        transport = proto.response_stream(response.status, out)
+        metrics = self.metrics
+        metrics.streams_active += 1
+        backend.in_flight += 1
+        left = False
+
+        def client_left(_: object) -> None:
+            nonlocal left
+            left = True
+            response.close()
+
+        watcher = asyncio.ensure_future(proto.client_disconnect())
+        watcher.add_done_callback(client_left)
+        record: list[bytes] | None = [] if key is not None and 200 <= response.status < 300 else None
+        complete = False
+        try:
+            while True:
+                try:
+                    chunk = await response.next_chunk()
+                except UpstreamError as err:
+                    metrics.stream_errors += 1
+                    self._backend_failed(backend, ex.started)
+                    log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
+                    break
+                if chunk is None:
+                    complete = not left
+                    break
+                if ex.ttfb_ms is None:
+                    ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
+                    metrics.ttft.observe(ex.ttfb_ms)
+                try:
+                    await transport.send_bytes(chunk)
+                except Exception:
+                    left = True
+                    response.close()
+                    break
+                ex.bytes_sent += len(chunk)
+                if record is not None:
+                    record.append(chunk)
+        finally:
+            watcher.cancel()
+            metrics.streams_active -= 1
+            backend.in_flight -= 1
+            if left:
+                metrics.client_disconnects += 1
+                ex.status = 499
+        if complete and record is not None and key is not None and self.cache is not None:
+            if record and record[-1].rstrip().endswith(b"[DONE]"):
+                self.cache.put(key, _pack(record), _content_type(response.headers))
+
+    async def _replay_stream(self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange) -> None:
+        transport = proto.response_stream(200, headers)
+        for chunk in _unpack(stored):
+            await transport.send_bytes(chunk)
+            ex.bytes_sent += len(chunk)
+
+
+def _content_type(headers: list[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if name == "content-type":
+            return value
+    return JSON

@@ -1,0 +1,132 @@
+"""Runs the gateway: Granian's embedded servers in one process, signals, reload.
+
+One asyncio loop hosts one `App` behind one or two embedded Granian servers
+(plain HTTP on `server.port`, HTTPS on `server.ssl_port` when `ssl.enabled`), so
+both share one cache, one balancer and one set of upstream pools. Granian's
+runtime threads and the forwarder's tokio threads both follow `server.threads`.
+
+Signals: SIGHUP re-reads the configuration through `reload` and applies a
+changed backend list (a bad file is logged and the old configuration kept).
+SIGTERM/SIGINT stop accepting new connections, let requests in flight finish
+for up to `server.shutdown_grace_seconds`, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from granian.constants import HTTPModes, Interfaces
+from granian.server.embed import Server
+
+from ntonix.app import App
+from ntonix.config import ConfigError, Settings
+
+log = logging.getLogger("ntonix.server")
+
+Reload = Callable[[], Settings]
+
+
+def check_tls(settings: Settings) -> None:
+    """Fail start-up with one line when the certificate or key is missing, unreadable or mismatched."""
+    cert, key = settings.ssl.cert_file, settings.ssl.key_file
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except FileNotFoundError as err:
+        raise ConfigError(f"ssl: cannot read {err.filename or cert}: no such file") from None
+    except PermissionError as err:
+        raise ConfigError(f"ssl: cannot read {err.filename or cert}: permission denied") from None
+    except ssl.SSLError as err:
+        raise ConfigError(f"ssl: cert_file {cert!r} and key_file {key!r} are not a valid pair: {err.reason}") from None
+
+
+def build_servers(app: App, settings: Settings) -> list[Server]:
+    """The embedded Granian servers for `settings` (HTTP, plus HTTPS when enabled)."""
+    common = {
+        "address": settings.server.bind_address,
+        "interface": Interfaces.RSGI,
+        "runtime_threads": settings.server.threads,
+        "backlog": 2048,
+        "log_enabled": False,
+        "websockets": False,
+    }
+    servers = [Server(app, port=settings.server.port, http=HTTPModes.http1, **common)]  # type: ignore[arg-type]
+    if settings.ssl.enabled:
+        servers.append(
+            Server(
+                app,
+                port=settings.server.ssl_port,
+                http=HTTPModes.auto,
+                ssl_cert=Path(settings.ssl.cert_file),
+                ssl_key=Path(settings.ssl.key_file),
+                **common,  # type: ignore[arg-type]
+            )
+        )
+    return servers
+
+
+async def _drain(app: App, grace: float) -> None:
+    """Wait until no request is in flight, or the grace period is over."""
+    deadline = time.monotonic() + grace
+    while app.started and app.metrics.requests_active > 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+async def main(settings: Settings, reload: Reload | None) -> None:
+    if settings.ssl.enabled:
+        check_tls(settings)
+    app = App(settings)
+    servers = build_servers(app, settings)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_reload() -> None:
+        if reload is None:
+            log.warning("SIGHUP ignored: no configuration source to re-read")
+            return
+        try:
+            fresh = reload()
+        except ConfigError as err:
+            log.error("reload failed, keeping the old configuration: %s", err)
+            return
+        app.update_backends(fresh.backends)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGINT, stopping.set)
+
+    serving = [asyncio.ensure_future(s.serve()) for s in servers]
+    scheme = "https" if settings.ssl.enabled else "http"
+    log.warning(
+        "NTONIX listening on http://%s:%d%s",
+        settings.server.bind_address,
+        settings.server.port,
+        f" and {scheme}://{settings.server.bind_address}:{settings.server.ssl_port}" if settings.ssl.enabled else "",
+    )
+    stop_wait = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait([*serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    if stop_wait in done:
+        log.warning("shutting down: draining requests in flight (grace %.1fs)", settings.server.shutdown_grace_seconds)
+        for server in servers:
+            server.stop()
+        await _drain(app, settings.server.shutdown_grace_seconds)
+    else:
+        stop_wait.cancel()
+    results = await asyncio.gather(*serving, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            raise ConfigError(f"server failed: {result}")
+
+
+def serve(settings: Settings, reload: Reload | None = None) -> None:
+    """Run the gateway until SIGTERM/SIGINT."""
+    try:
+        asyncio.run(main(settings, reload))
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {settings.server.bind_address}: {err}") from None

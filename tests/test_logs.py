@@ -1,0 +1,180 @@
+"""Logging: text and JSON lines, level filtering, colours, idempotence and size/count rotation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ntonix.config import ConfigError, LoggingConfig
+from ntonix.logs import log_access, setup_logging
+
+TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+ACCESS_ARGS: dict[str, Any] = {
+    "method": "POST",
+    "path": "/v1/chat/completions",
+    "backend": "127.0.0.1:8001",
+    "status": 200,
+    "cache": "MISS",
+    "bytes_sent": 612,
+    "latency_ms": 1.2345,
+    "ttfb_ms": 0.8,
+}
+
+
+@pytest.fixture(autouse=True)
+def restore_loggers() -> Iterator[None]:
+    """Leave the `ntonix` loggers as found, so other suites' caplog still sees them."""
+    loggers = [logging.getLogger("ntonix"), logging.getLogger("ntonix.access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    yield
+    setup_logging(LoggingConfig(enable_console=False))  # closes the handlers it installed
+    for lg, handlers, level, propagate, disabled in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate, lg.disabled = propagate, disabled
+
+
+def file_config(tmp_path: Path, **kwargs: Any) -> LoggingConfig:
+    return LoggingConfig(file=str(tmp_path / "ntonix.log"), enable_console=False, **kwargs)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def test_text_lines(tmp_path: Path) -> None:
+    setup_logging(file_config(tmp_path))
+    logging.getLogger("ntonix").info("hello %s", "world")
+    log_access("r1", **ACCESS_ARGS)
+    app, access = lines(tmp_path / "ntonix.log")
+    assert re.fullmatch(rf"{TS} INFO ntonix: hello world", app)
+    assert re.fullmatch(
+        rf"{TS} INFO ntonix\.access: access id=r1 method=POST path=/v1/chat/completions "
+        r"backend=127\.0\.0\.1:8001 status=200 cache=MISS bytes=612 latency_ms=1\.23 ttfb_ms=0\.80",
+        access,
+    )
+
+
+def test_client_values_cannot_forge_lines(tmp_path: Path) -> None:
+    setup_logging(file_config(tmp_path))
+    log_access('x\n2026-01-01T00:00:00.000Z INFO ntonix: forged "', **{**ACCESS_ARGS, "ttfb_ms": None})
+    (line,) = lines(tmp_path / "ntonix.log")
+    assert 'id="x\\n2026-01-01T00:00:00.000Z INFO ntonix: forged \\""' in line
+    assert line.endswith("ttfb_ms=-")
+
+
+def test_json_lines_parse(tmp_path: Path) -> None:
+    setup_logging(file_config(tmp_path, format="json"))
+    log = logging.getLogger("ntonix.proxy")
+    log.warning("backend %s down", "b1")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("failed")
+    log_access("r2", **{**ACCESS_ARGS, "ttfb_ms": None, "cache": "HIT", "backend": ""})
+    warning, failure, access = (json.loads(line) for line in lines(tmp_path / "ntonix.log"))
+    assert warning["level"] == "WARNING"
+    assert warning["logger"] == "ntonix.proxy"
+    assert warning["msg"] == "backend b1 down"
+    assert re.fullmatch(TS, warning["ts"])
+    assert "RuntimeError: boom" in failure["exc"]
+    assert access == {
+        "ts": access["ts"],
+        "level": "INFO",
+        "logger": "ntonix.access",
+        "msg": "access",
+        "id": "r2",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "backend": "",
+        "status": 200,
+        "cache": "HIT",
+        "bytes": 612,
+        "latency_ms": 1.23,
+        "ttfb_ms": None,
+    }
+
+
+def test_level_filtering_and_access_switch(tmp_path: Path) -> None:
+    setup_logging(file_config(tmp_path, level="warning"))
+    log = logging.getLogger("ntonix")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    log.error("e")
+    log_access("r3", **ACCESS_ARGS)  # access lines follow access_log, not level
+    assert [line.split(" ", 3)[1] for line in lines(tmp_path / "ntonix.log")] == ["WARNING", "ERROR", "INFO"]
+
+    setup_logging(file_config(tmp_path, level="debug", access_log=False))
+    assert not logging.getLogger("ntonix.access").isEnabledFor(logging.INFO)
+    log.debug("d2")
+    log_access("r4", **ACCESS_ARGS)
+    assert lines(tmp_path / "ntonix.log")[-1].endswith("DEBUG ntonix: d2")
+
+
+def test_idempotent(tmp_path: Path) -> None:
+    cfg = file_config(tmp_path)
+    setup_logging(cfg)
+    setup_logging(cfg)
+    assert len(logging.getLogger("ntonix").handlers) == 1
+    logging.getLogger("ntonix").info("once")
+    assert len(lines(tmp_path / "ntonix.log")) == 1
+
+
+def test_rotation_keeps_max_files(tmp_path: Path) -> None:
+    cfg = file_config(tmp_path, max_file_size_mb=0.001, max_files=3)  # 1048 bytes per file
+    setup_logging(cfg)
+    for i in range(300):
+        log_access(f"req-{i:04d}", **ACCESS_ARGS)
+    log_file = tmp_path / "ntonix.log"
+    rotated = sorted(p.name for p in tmp_path.iterdir() if p.name != "ntonix.log")
+    assert rotated == ["ntonix.log.1", "ntonix.log.2", "ntonix.log.3"]
+    max_bytes = int(0.001 * 1024 * 1024)
+    for path in [log_file, *(tmp_path / name for name in rotated)]:
+        assert 0 < path.stat().st_size <= max_bytes
+    assert lines(log_file)[-1].split()[4] == "id=req-0299"  # newest line in the active file
+    newest_rotated = [line.split()[4] for line in lines(tmp_path / "ntonix.log.1")]
+    oldest_active = lines(log_file)[0].split()[4]
+    assert newest_rotated[-1] < oldest_active  # .1 holds the lines just before the active file's
+
+
+def test_console_colours(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    setup_logging(LoggingConfig())
+    logging.getLogger("ntonix").error("red")
+    assert "\x1b[31mERROR\x1b[0m ntonix: red" in capsys.readouterr().err
+
+    setup_logging(LoggingConfig(enable_colors=False))
+    logging.getLogger("ntonix").error("plain")
+    err = capsys.readouterr().err
+    assert "ERROR ntonix: plain" in err
+    assert "\x1b[" not in err
+
+    monkeypatch.delenv("FORCE_COLOR")
+    setup_logging(LoggingConfig())  # captured stderr is not a terminal
+    logging.getLogger("ntonix").error("no tty")
+    assert "\x1b[" not in capsys.readouterr().err
+
+
+def test_console_off(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(LoggingConfig(enable_console=False))
+    logging.getLogger("ntonix").error("nowhere")
+    log_access("r5", **ACCESS_ARGS)
+    assert capsys.readouterr().err == ""
+
+
+def test_unopenable_log_file(tmp_path: Path) -> None:
+    bad = tmp_path / "missing-dir" / "ntonix.log"
+    with pytest.raises(ConfigError, match=r"logging\.file: cannot open .*No such file or directory"):
+        setup_logging(LoggingConfig(file=str(bad)))
+
+
+def test_log_access_is_a_no_op_when_disabled() -> None:
+    setup_logging(LoggingConfig(enable_console=False, access_log=False))
+    log_access("r6", **ACCESS_ARGS)  # nothing installed to receive it, nothing raised
