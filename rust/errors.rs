@@ -88,8 +88,17 @@ pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("NtonixError", py.get_type::<NtonixError>())?;
     m.add("UpstreamError", py.get_type::<UpstreamError>())?;
-    m.add("UpstreamConnectError", py.get_type::<UpstreamConnectError>())?;
-    m.add("UpstreamTimeoutError", py.get_type::<UpstreamTimeoutError>())?;
-    m.add("UpstreamProtocolError", py.get_type::<UpstreamProtocolError>())?;
+    m.add(
+        "UpstreamConnectError",
+        py.get_type::<UpstreamConnectError>(),
+    )?;
+    m.add(
+        "UpstreamTimeoutError",
+        py.get_type::<UpstreamTimeoutError>(),
+    )?;
+    m.add(
+        "UpstreamProtocolError",
+        py.get_type::<UpstreamProtocolError>(),
+    )?;
     Ok(())
 }

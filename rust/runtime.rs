@@ -3,50 +3,56 @@
 //! Invariant: the runtime is built lazily, in the process that uses it, with the thread count the
 //! gateway was configured with; a process forked after the runtime was built refuses to use it
 //! (a forked tokio runtime has no threads and would hang every request).
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::OnceLock;
 
 use pyo3::prelude::*;
+use tokio::runtime::Runtime;
 
 use crate::errors::{Error, Result};
 
-/// PID of the process that configured the runtime (0: not yet configured).
+static THREADS: AtomicUsize = AtomicUsize::new(0);
 static OWNER_PID: AtomicU32 = AtomicU32::new(0);
+static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
 
-/// Configure the runtime's worker threads. Only the first call in a process has an effect; the
-/// answer says whether this call was the one that configured it.
-pub fn configure(threads: usize) -> Result<bool> {
+/// Set the worker thread count; only effective before the runtime is first used.
+pub fn configure(threads: usize) -> bool {
+    RUNTIME.get().is_none() && THREADS.swap(threads.max(1), Ordering::SeqCst) == 0
+}
+
+/// The runtime of this process, built on first use.
+pub fn get() -> Result<&'static Runtime> {
     let pid = std::process::id();
-    match OWNER_PID.compare_exchange(0, pid, Ordering::SeqCst, Ordering::SeqCst) {
-        Ok(_) => {
-            let mut builder = tokio::runtime::Builder::new_multi_thread();
-            builder
-                .worker_threads(threads.max(1))
-                .thread_name("ntonix-io")
-                .enable_all();
-            pyo3_async_runtimes::tokio::init(builder);
-            Ok(true)
-        }
-        Err(owner) if owner == pid => Ok(false),
-        Err(owner) => Err(Error::Runtime(format!(
+    let owner = OWNER_PID.load(Ordering::SeqCst);
+    if owner != 0 && owner != pid {
+        return Err(Error::Runtime(format!(
             "the I/O runtime was created in process {owner} and cannot be used after fork in {pid}"
-        ))),
+        )));
     }
+    let built = RUNTIME.get_or_init(|| {
+        OWNER_PID.store(pid, Ordering::SeqCst);
+        let threads = match THREADS.load(Ordering::SeqCst) {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("ntonix-io")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the I/O runtime: {e}"))
+    });
+    built.as_ref().map_err(|e| Error::Runtime(e.clone()))
 }
 
-/// Make sure the runtime belongs to this process before handing work to it.
-pub fn ensure() -> Result<()> {
-    let default_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    configure(default_threads).map(|_| ())
-}
-
-/// Configure the I/O runtime's thread count (call once, before the first request).
+/// Configure the I/O runtime's thread count; answers False when it was already running.
 #[pyfunction]
 #[pyo3(signature = (threads))]
 fn init_runtime(threads: usize) -> PyResult<bool> {
     if threads == 0 {
         return Err(Error::InvalidArgument("threads must be at least 1".into()).into());
     }
-    Ok(configure(threads)?)
+    Ok(configure(threads))
 }
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {

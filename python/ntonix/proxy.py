@@ -44,6 +44,7 @@ log = logging.getLogger("ntonix.proxy")
 
 CHAT_ROUTE = "/v1/chat/completions"
 JSON = "application/json"
+DISCONNECT_WATCH_DELAY = 0.05
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[bytes]).decode
 
@@ -276,14 +277,19 @@ class Proxy:
 
     async def _send_watching(self, proto: Any, backend: Backend, headers: list[tuple[str, str]], body: bytes,
                              buffer: bool) -> UpstreamResponse:
-        """Send upstream; if the client disconnects first, cancel (closing the upstream socket)."""
+        """Send upstream; if the client disconnects first, cancel (closing the upstream socket).
+
+        NOTE: watching for a disconnect costs a task; answers that come back within
+        `DISCONNECT_WATCH_DELAY` never pay for it, slow generations always do.
+        """
         pending = self.forwarder.request("POST", backend.chat_url, headers, body, buffer)
-        watcher = asyncio.ensure_future(proto.client_disconnect())
-        watcher.add_done_callback(lambda _: pending.cancel())
+        watch = _DisconnectWatch(proto, pending.cancel)
+        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY, watch.start)
         try:
             return await pending
         finally:
-            watcher.cancel()
+            timer.cancel()
+            watch.stop()
 
     async def _forward_whole(self, scope: Any, proto: Any, headers: Any, body: bytes, ex: Exchange) -> Answer:
         backend, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
@@ -311,13 +317,13 @@ class Proxy:
         backend.in_flight += 1
         left = False
 
-        def client_left(_: object) -> None:
+        def client_left() -> None:
             nonlocal left
             left = True
             response.close()
 
-        watcher = asyncio.ensure_future(proto.client_disconnect())
-        watcher.add_done_callback(client_left)
+        watcher = _DisconnectWatch(proto, client_left)
+        watcher.start()
         record: list[bytes] | None = [] if key is not None and 200 <= response.status < 300 else None
         complete = False
         try:
@@ -345,7 +351,7 @@ class Proxy:
                 if record is not None:
                     record.append(chunk)
         finally:
-            watcher.cancel()
+            watcher.stop()
             metrics.streams_active -= 1
             backend.in_flight -= 1
             if left:
@@ -360,6 +366,29 @@ class Proxy:
         for chunk in _unpack(stored):
             await transport.send_bytes(chunk)
             ex.bytes_sent += len(chunk)
+
+
+class _DisconnectWatch:
+    """Runs `on_disconnect` when the client goes away, once started."""
+
+    __slots__ = ("on_disconnect", "proto", "task")
+
+    def __init__(self, proto: Any, on_disconnect: Callable[[], object]) -> None:
+        self.proto = proto
+        self.on_disconnect = on_disconnect
+        self.task: asyncio.Future[Any] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self.proto.client_disconnect())
+        self.task.add_done_callback(self._fired)
+
+    def _fired(self, task: asyncio.Future[Any]) -> None:
+        if not task.cancelled():
+            self.on_disconnect()
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _content_type(headers: list[tuple[str, str]]) -> str:

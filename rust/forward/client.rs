@@ -76,7 +76,12 @@ impl Upstream {
     }
 
     /// Build an upstream request from the client's method, headers and untouched body bytes.
-    pub fn build_request(method: &str, url: &str, headers: &[(String, String)], body: Bytes) -> Result<Request<Full<Bytes>>> {
+    pub fn build_request(
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>> {
         let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| Error::InvalidArgument(format!("invalid HTTP method {method:?}")))?;
         let uri: Uri = url
@@ -92,15 +97,18 @@ impl Upstream {
             if is_hop_by_hop(&lower) {
                 continue;
             }
-            let (Ok(name), Ok(value)) = (HeaderName::from_bytes(lower.as_bytes()), HeaderValue::from_str(value))
-            else {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(lower.as_bytes()),
+                HeaderValue::from_str(value),
+            ) else {
                 // A header we cannot re-encode is dropped rather than failing the request.
                 continue;
             };
             map.append(name, value);
         }
-        let host = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| Error::InvalidArgument(format!("invalid upstream authority {authority}")))?;
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+            Error::InvalidArgument(format!("invalid upstream authority {authority}"))
+        })?;
         map.insert(hyper::header::HOST, host);
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
@@ -112,7 +120,10 @@ impl Upstream {
     /// Send the request and wait for the status line and headers (bounded by the first-byte and
     /// total timeouts); the body is left to the returned reader.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response> {
-        let authority = request.uri().authority().map_or_else(String::new, |a| a.to_string());
+        let authority = request
+            .uri()
+            .authority()
+            .map_or_else(String::new, |a| a.to_string());
         let start = Instant::now();
         let deadline = start + self.timeouts.total;
         let wait = self.timeouts.first_byte.min(self.timeouts.total);
@@ -133,7 +144,12 @@ impl Upstream {
             .headers
             .iter()
             .filter(|(name, _)| !is_hop_by_hop(name.as_str()))
-            .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+            .map(|(name, value)| {
+                (
+                    name.as_str().to_owned(),
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                )
+            })
             .collect();
         Ok(Response {
             status: parts.status.as_u16(),

@@ -1,4 +1,5 @@
 //! Unit tests of the upstream client against raw TCP servers: pooling, timeouts, streaming, abort.
+#![allow(clippy::err_expect)]
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,10 @@ async fn read_request(sock: &mut TcpStream) -> bool {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             let length: usize = head
                 .lines()
-                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap_or(0))
+                })
                 .unwrap_or(0);
             while buf.len() < end + 4 + length {
                 match sock.read(&mut byte).await {
@@ -86,11 +90,21 @@ async fn sequential_requests_reuse_one_pooled_connection() {
     for _ in 0..5 {
         let mut response = upstream.send(request(&url)).await.expect("send");
         assert_eq!(response.status, 200);
-        assert_eq!(response.body.read_all().await.expect("body"), Bytes::from_static(b"{\"ok\":true}"));
-        assert!(response.headers.iter().any(|(n, v)| n == "content-type" && v == "application/json"));
+        assert_eq!(
+            response.body.read_all().await.expect("body"),
+            Bytes::from_static(b"{\"ok\":true}")
+        );
+        assert!(response
+            .headers
+            .iter()
+            .any(|(n, v)| n == "content-type" && v == "application/json"));
         assert!(!response.headers.iter().any(|(n, _)| n == "content-length"));
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 1, "keep-alive connection was not reused");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "keep-alive connection was not reused"
+    );
 }
 
 #[tokio::test]
@@ -110,7 +124,7 @@ async fn concurrent_requests_are_not_capped_by_the_pool() {
         assert_eq!(task.await.expect("join"), Bytes::from_static(b"{}"));
     }
     let opened = accepted.load(Ordering::SeqCst);
-    assert!(opened >= 1 && opened <= 50, "opened {opened}");
+    assert!((1..=50).contains(&opened), "opened {opened}");
     // The idle connections are all kept: another burst opens none.
     let before = accepted.load(Ordering::SeqCst);
     let mut response = upstream.send(request(&url)).await.expect("send");
@@ -124,7 +138,11 @@ async fn refused_connection_is_a_connect_error() {
     let addr = listener.local_addr().expect("addr");
     drop(listener);
     let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
-    let err = upstream.send(request(&format!("http://{addr}/x"))).await.err().expect("must fail");
+    let err = upstream
+        .send(request(&format!("http://{addr}/x")))
+        .await
+        .err()
+        .expect("must fail");
     assert!(matches!(err, Error::Connect { .. }), "{err:?}");
 }
 
@@ -140,10 +158,26 @@ async fn silent_backend_hits_the_first_byte_timeout() {
     });
     let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
     let started = std::time::Instant::now();
-    let err = upstream.send(request(&format!("http://{addr}/x"))).await.err().expect("must fail");
-    assert!(matches!(err, Error::Timeout { phase: Phase::FirstByte, .. }), "{err:?}");
+    let err = upstream
+        .send(request(&format!("http://{addr}/x")))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                phase: Phase::FirstByte,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(290) && waited < Duration::from_secs(2), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(290) && waited < Duration::from_secs(2),
+        "{waited:?}"
+    );
 }
 
 /// A server that sends a chunked body: `first` at once, then waits `gap`, then `second` and the end.
@@ -193,10 +227,23 @@ async fn stream_chunks_arrive_one_by_one_as_sent() {
     let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
     let mut response = upstream.send(request(&url)).await.expect("send");
     let started = std::time::Instant::now();
-    let first = response.body.next_chunk().await.expect("chunk").expect("some");
+    let first = response
+        .body
+        .next_chunk()
+        .await
+        .expect("chunk")
+        .expect("some");
     assert_eq!(first, Bytes::from_static(b"data:1"));
-    assert!(started.elapsed() < Duration::from_millis(100), "first chunk was held back");
-    let second = response.body.next_chunk().await.expect("chunk").expect("some");
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "first chunk was held back"
+    );
+    let second = response
+        .body
+        .next_chunk()
+        .await
+        .expect("chunk")
+        .expect("some");
     assert_eq!(second, Bytes::from_static(b"data:2"));
     assert!(started.elapsed() >= Duration::from_millis(140));
     assert!(response.body.next_chunk().await.expect("end").is_none());
@@ -209,8 +256,17 @@ async fn stalled_stream_hits_the_idle_timeout() {
     let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
     let mut response = upstream.send(request(&url)).await.expect("send");
     response.body.next_chunk().await.expect("chunk");
-    let err = response.body.next_chunk().await.err().expect("must time out");
-    assert!(matches!(err, Error::Timeout { phase: Phase::Idle, .. }), "{err:?}");
+    let err = response.body.next_chunk().await.expect_err("must time out");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                phase: Phase::Idle,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -237,11 +293,18 @@ fn hop_by_hop_request_headers_are_dropped_and_host_is_set() {
         ("Host".to_owned(), "client.example".to_owned()),
         ("X-Request-ID".to_owned(), "abc".to_owned()),
     ];
-    let req = Upstream::build_request("POST", "http://127.0.0.1:9/v1", &headers, Bytes::new()).expect("build");
-    assert_eq!(req.headers().get("host").map(|v| v.as_bytes()), Some(&b"127.0.0.1:9"[..]));
+    let req = Upstream::build_request("POST", "http://127.0.0.1:9/v1", &headers, Bytes::new())
+        .expect("build");
+    assert_eq!(
+        req.headers().get("host").map(|v| v.as_bytes()),
+        Some(&b"127.0.0.1:9"[..])
+    );
     assert!(req.headers().get("connection").is_none());
     assert!(req.headers().get("transfer-encoding").is_none());
-    assert_eq!(req.headers().get("x-request-id").map(|v| v.as_bytes()), Some(&b"abc"[..]));
+    assert_eq!(
+        req.headers().get("x-request-id").map(|v| v.as_bytes()),
+        Some(&b"abc"[..])
+    );
     assert!(Upstream::build_request("BAD METHOD", "http://x/", &[], Bytes::new()).is_err());
     assert!(Upstream::build_request("GET", "not a url", &[], Bytes::new()).is_err());
 }

@@ -1,57 +1,94 @@
-//! PyO3 glue of the upstream client: `Forwarder` (one per process) and `UpstreamResponse`.
+//! PyO3 glue of the upstream client: `Forwarder` (one per event loop), `Pending`, `UpstreamResponse`.
 //!
-//! Invariants: all network work runs on the tokio runtime with the GIL released; a Python awaitable
-//! that is cancelled drops its Rust future, and an `UpstreamResponse` that is closed or collected
-//! drops its body, so a client that leaves closes the upstream connection and the backend stops.
+//! Invariants: all network work runs on the tokio runtime and never touches Python; results reach
+//! the asyncio loop through the `Bridge` (see bridge.rs). Cancelling a `Pending` aborts its task,
+//! and closing or collecting an `UpstreamResponse` drops its body, so a client that leaves closes
+//! the upstream connection and the backend stops generating.
+mod bridge;
 mod client;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use pyo3_async_runtimes::tokio::future_into_py;
+use tokio::task::AbortHandle;
 
-use crate::errors::Error;
+use crate::errors::{Error, Phase};
 use crate::runtime;
+use bridge::{Bridge, Convert};
 pub use client::{Abort, BodyReader, Timeouts, Upstream};
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if !value.is_finite() || value <= 0.0 {
-        return Err(Error::InvalidArgument(format!("{name} must be a positive number of seconds, got {value}")).into());
+        return Err(Error::InvalidArgument(format!(
+            "{name} must be a positive number of seconds, got {value}"
+        ))
+        .into());
     }
     Duration::try_from_secs_f64(value)
         .map_err(|_| Error::InvalidArgument(format!("{name} is out of range: {value}")).into())
 }
 
-/// A body chunk handed to Python as `bytes`, or `None` at the end of the body.
-struct Chunk(Option<Bytes>);
+/// The event loop a forwarder serves and the bridge that wakes it.
+struct LoopLink {
+    event_loop: Py<PyAny>,
+    bridge: Bridge,
+}
 
-impl<'py> IntoPyObject<'py> for Chunk {
-    type Target = PyAny;
-    type Output = Bound<'py, PyAny>;
-    type Error = std::convert::Infallible;
-
-    fn into_pyobject(self, py: Python<'py>) -> Result<Self::Output, Self::Error> {
-        Ok(match self.0 {
-            Some(data) => PyBytes::new(py, &data).into_any(),
-            None => py.None().into_bound(py),
-        })
+impl LoopLink {
+    /// Run `work` on the runtime; its result resolves a new asyncio future of this loop.
+    fn spawn<T, W, C>(
+        self: &Arc<Self>,
+        py: Python<'_>,
+        work: W,
+        convert: C,
+    ) -> PyResult<(Py<PyAny>, AbortHandle)>
+    where
+        T: Send + 'static,
+        W: Future<Output = Result<T, Error>> + Send + 'static,
+        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+    {
+        let runtime = runtime::get()?;
+        let future = self
+            .event_loop
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "create_future"))?
+            .unbind();
+        let target = future.clone_ref(py);
+        let link = self.clone();
+        let task = runtime.spawn(async move {
+            let result = work
+                .await
+                .map(|value| Box::new(move |py: Python<'_>| convert(py, value)) as Convert);
+            link.bridge.complete(target, result);
+        });
+        Ok((future, task.abort_handle()))
     }
 }
 
-/// Pooled keep-alive client to every backend; one per process, shared by all requests.
+fn chunk_to_py(py: Python<'_>, chunk: Option<Bytes>) -> PyResult<Py<PyAny>> {
+    Ok(match chunk {
+        Some(data) => PyBytes::new(py, &data).into_any().unbind(),
+        None => py.None(),
+    })
+}
+
+/// Pooled keep-alive client to every backend, bound to one asyncio loop; shared by all requests.
 #[pyclass(frozen, module = "ntonix._core")]
 pub struct Forwarder {
     upstream: Arc<Upstream>,
+    link: Arc<LoopLink>,
 }
 
 #[pymethods]
 impl Forwarder {
     #[new]
-    #[pyo3(signature = (*, connect_timeout=2.0, first_byte_timeout=120.0, idle_timeout=60.0, total_timeout=600.0, pool_idle_timeout=90.0))]
+    #[pyo3(signature = (event_loop, *, connect_timeout=2.0, first_byte_timeout=120.0, idle_timeout=60.0, total_timeout=600.0, pool_idle_timeout=90.0))]
     fn new(
+        event_loop: Py<PyAny>,
         connect_timeout: f64,
         first_byte_timeout: f64,
         idle_timeout: f64,
@@ -65,62 +102,120 @@ impl Forwarder {
             total: seconds("total_timeout", total_timeout)?,
         };
         let pool_idle = seconds("pool_idle_timeout", pool_idle_timeout)?;
-        runtime::ensure()?;
+        let runtime = runtime::get()?;
         // The pool's timers need the runtime's context when the client is built.
-        let _guard = pyo3_async_runtimes::tokio::get_runtime().enter();
+        let _guard = runtime.enter();
+        let bridge = Bridge::new()
+            .map_err(|e| Error::Runtime(format!("cannot create the wake-up channel: {e}")))?;
         Ok(Self {
             upstream: Arc::new(Upstream::new(timeouts, pool_idle)),
+            link: Arc::new(LoopLink { event_loop, bridge }),
         })
     }
 
-    /// Send a request upstream; the awaitable resolves once the status line and headers arrived
-    /// (with `buffer=True`, once the whole body arrived too).
+    /// Descriptor to watch with `loop.add_reader(fd, forwarder.drain)`.
+    #[getter]
+    fn wake_fd(&self) -> i32 {
+        self.link.bridge.fd()
+    }
+
+    /// Resolve the futures of every finished upstream operation (the loop's reader callback).
+    fn drain(&self, py: Python<'_>) {
+        self.link.bridge.drain(py);
+    }
+
+    /// Send a request upstream. Await the answer for the `UpstreamResponse`, resolved once the status
+    /// line and headers arrived (with `buffer=True`, once the whole body arrived too).
     #[pyo3(signature = (method, url, headers, body, buffer=false))]
-    fn request<'py>(
+    fn request(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
         method: &str,
         url: &str,
         headers: Vec<(String, String)>,
         body: &[u8],
         buffer: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> PyResult<Pending> {
         let request = Upstream::build_request(method, url, &headers, Bytes::copy_from_slice(body))?;
         let upstream = self.upstream.clone();
-        future_into_py(py, async move {
+        let link = self.link.clone();
+        let work = async move {
             let mut response = upstream.send(request).await?;
             let body = if buffer {
                 Some(response.body.read_all().await?)
             } else {
                 None
             };
-            Ok(UpstreamResponse::new(response, body))
-        })
+            Ok((response, body))
+        };
+        let (future, abort) = self.link.spawn(py, work, move |py, (response, body)| {
+            Ok(Py::new(py, UpstreamResponse::new(response, body, link))?.into_any())
+        })?;
+        Ok(Pending { future, abort })
     }
 
     /// GET `url` and answer its status code (active health checks); the body is read and dropped
     /// so the connection goes back to the pool.
     #[pyo3(signature = (url, timeout))]
-    fn probe<'py>(&self, py: Python<'py>, url: &str, timeout: f64) -> PyResult<Bound<'py, PyAny>> {
+    fn probe(&self, py: Python<'_>, url: &str, timeout: f64) -> PyResult<Pending> {
         let limit = seconds("timeout", timeout)?;
         let request = Upstream::build_request("GET", url, &[], Bytes::new())?;
-        let authority = request.uri().authority().map_or_else(String::new, |a| a.to_string());
+        let authority = request
+            .uri()
+            .authority()
+            .map_or_else(String::new, |a| a.to_string());
         let upstream = self.upstream.clone();
-        future_into_py(py, async move {
+        let work = async move {
             let exchange = async {
                 let mut response = upstream.send(request).await?;
                 response.body.read_all().await?;
                 Ok::<u16, Error>(response.status)
             };
             match tokio::time::timeout(limit, exchange).await {
-                Ok(result) => Ok(result?),
+                Ok(result) => result,
                 Err(_) => Err(Error::Timeout {
                     authority,
-                    phase: crate::errors::Phase::Total,
-                }
-                .into()),
+                    phase: Phase::Total,
+                }),
             }
-        })
+        };
+        let (future, abort) = self.link.spawn(py, work, |py, status| {
+            Ok(status.into_pyobject(py)?.into_any().unbind())
+        })?;
+        Ok(Pending { future, abort })
+    }
+}
+
+/// An upstream operation in progress: await it, or cancel it (which drops the upstream work).
+#[pyclass(frozen, module = "ntonix._core")]
+pub struct Pending {
+    future: Py<PyAny>,
+    abort: AbortHandle,
+}
+
+#[pymethods]
+impl Pending {
+    fn __await__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        self.future
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "__await__"))
+    }
+
+    /// Abort the upstream work (its connection is closed) and cancel the awaitable.
+    fn cancel(&self, py: Python<'_>) -> PyResult<bool> {
+        self.abort.abort();
+        self.future
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "cancel"))?
+            .is_truthy()
+    }
+
+    /// Whether the operation finished (with a result, an error or a cancellation).
+    fn done(&self, py: Python<'_>) -> PyResult<bool> {
+        self.future
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "done"))?
+            .is_truthy()
     }
 }
 
@@ -133,10 +228,11 @@ pub struct UpstreamResponse {
     body: Option<Bytes>,
     reader: Arc<tokio::sync::Mutex<BodyReader>>,
     abort: Arc<Abort>,
+    link: Arc<LoopLink>,
 }
 
 impl UpstreamResponse {
-    fn new(response: client::Response, body: Option<Bytes>) -> Self {
+    fn new(response: client::Response, body: Option<Bytes>, link: Arc<LoopLink>) -> Self {
         let abort = response.body.abort_handle();
         Self {
             status: response.status,
@@ -144,6 +240,7 @@ impl UpstreamResponse {
             body,
             reader: Arc::new(tokio::sync::Mutex::new(response.body)),
             abort,
+            link,
         }
     }
 }
@@ -172,21 +269,17 @@ impl UpstreamResponse {
     }
 
     /// Awaitable of the next body chunk exactly as the backend sent it, or `None` at the end.
-    fn next_chunk<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn next_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let reader = self.reader.clone();
-        future_into_py(py, async move {
-            let mut reader = reader.lock().await;
-            Ok(Chunk(reader.next_chunk().await?))
-        })
+        let work = async move { reader.lock().await.next_chunk().await };
+        Ok(self.link.spawn(py, work, chunk_to_py)?.0)
     }
 
     /// Awaitable of the rest of the body in one `bytes`.
-    fn read<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn read(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let reader = self.reader.clone();
-        future_into_py(py, async move {
-            let mut reader = reader.lock().await;
-            Ok(Chunk(Some(reader.read_all().await?)))
-        })
+        let work = async move { reader.lock().await.read_all().await.map(Some) };
+        Ok(self.link.spawn(py, work, chunk_to_py)?.0)
     }
 
     /// Stop reading: the upstream connection is closed (not pooled), so the backend stops.
@@ -200,6 +293,7 @@ impl UpstreamResponse {
 
 pub fn init_pymodule(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Forwarder>()?;
+    m.add_class::<Pending>()?;
     m.add_class::<UpstreamResponse>()?;
     Ok(())
 }
