@@ -52,7 +52,13 @@ INDEX = _encode(
 )
 HEALTHY = _encode({"status": "healthy"})
 _EMPTY_CACHE_STATS = {
-    "hits": 0, "misses": 0, "evictions": 0, "expired": 0, "entries": 0, "size_bytes": 0, "max_size_bytes": 0,
+    "hits": 0,
+    "misses": 0,
+    "evictions": 0,
+    "expired": 0,
+    "entries": 0,
+    "size_bytes": 0,
+    "max_size_bytes": 0,
 }
 
 
@@ -164,7 +170,11 @@ class App:
     def cache_stats(self) -> dict[str, Any]:
         stats = self.cache.stats() if self.cache is not None else dict(_EMPTY_CACHE_STATS)
         lookups = stats["hits"] + stats["misses"]
-        return {"enabled": self.cache is not None, **stats, "hit_rate": stats["hits"] / lookups if lookups else 0.0}
+        return {
+            "enabled": self.cache is not None,
+            **stats,
+            "hit_rate": stats["hits"] / lookups if lookups else 0.0,
+        }
 
     def _cache_stats(self, scope: Any, proto: Any) -> None:
         proto.response_bytes(200, JSON_HEADERS, _encode(self.cache_stats()))

@@ -25,20 +25,20 @@ class Backend:
     __slots__ = (
         "breaker",
         "chat_url",
+        "consecutive_check_failures",
+        "consecutive_check_successes",
         "current_weight",
         "errors",
         "healthy",
         "host",
         "in_flight",
         "key",
+        "latency",
         "latency_total_ms",
         "port",
         "requests",
         "url",
         "weight",
-        "consecutive_check_failures",
-        "consecutive_check_successes",
-        "latency",
     )
 
     def __init__(self, config: BackendConfig, breaker: CircuitBreakerConfig) -> None:

@@ -19,14 +19,30 @@ if TYPE_CHECKING:
 
 # Bucket bounds in milliseconds, from sub-millisecond proxying to minute-long generations.
 BUCKETS_MS: tuple[float, ...] = (
-    0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    25,
+    50,
+    100,
+    250,
+    500,
+    1000,
+    2500,
+    5000,
+    10000,
+    30000,
+    60000,
+    120000,
 )
 
 
 class Histogram:
     """Cumulative-on-render histogram of millisecond values."""
 
-    __slots__ = ("counts", "count", "total")
+    __slots__ = ("count", "counts", "total")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BUCKETS_MS) + 1)
@@ -101,36 +117,78 @@ class Metrics:
         gauge("ntonix_requests_active", "Requests being answered now.", [((), self.requests_active)])
         gauge("ntonix_streams_active", "SSE streams open now.", [((), self.streams_active)])
         counter("ntonix_cache_hits_total", "Answers served from the cache.", [((), self.cache_hits)])
-        counter("ntonix_cache_misses_total", "Cacheable requests not in the cache.", [((), self.cache_misses)])
-        counter("ntonix_cache_coalesced_total", "Requests that waited for an identical one.", [((), self.coalesced)])
+        counter(
+            "ntonix_cache_misses_total", "Cacheable requests not in the cache.", [((), self.cache_misses)]
+        )
+        counter(
+            "ntonix_cache_coalesced_total",
+            "Requests that waited for an identical one.",
+            [((), self.coalesced)],
+        )
         counter("ntonix_retries_total", "Attempts retried on another backend.", [((), self.retries)])
-        counter("ntonix_client_disconnects_total", "Clients that left before the answer ended.",
-                [((), self.client_disconnects)])
-        counter("ntonix_stream_errors_total", "Streams ended early by a backend failure.", [((), self.stream_errors)])
+        counter(
+            "ntonix_client_disconnects_total",
+            "Clients that left before the answer ended.",
+            [((), self.client_disconnects)],
+        )
+        counter(
+            "ntonix_stream_errors_total",
+            "Streams ended early by a backend failure.",
+            [((), self.stream_errors)],
+        )
         gauge("ntonix_uptime_seconds", "Seconds since start.", [((), time.monotonic() - self.started)])
         gauge("ntonix_cache_enabled", "1 when the response cache is on.", [((), 1 if enabled else 0)])
-        counter("ntonix_cache_evictions_total", "Cache entries evicted to make room.",
-                [((), cache.get("evictions", 0))])
-        counter("ntonix_cache_expired_total", "Cache entries dropped after their TTL.",
-                [((), cache.get("expired", 0))])
+        counter(
+            "ntonix_cache_evictions_total",
+            "Cache entries evicted to make room.",
+            [((), cache.get("evictions", 0))],
+        )
+        counter(
+            "ntonix_cache_expired_total",
+            "Cache entries dropped after their TTL.",
+            [((), cache.get("expired", 0))],
+        )
         for key in ("entries", "size_bytes", "max_size_bytes"):
             gauge(f"ntonix_cache_{key}", f"Cache {key.replace('_', ' ')}.", [((), cache.get(key, 0))])
         labels = [(("backend", b.key),) for b in backends]
-        counter("ntonix_backend_requests_total", "Requests sent to the backend.",
-                [(lb, b.requests) for lb, b in zip(labels, backends, strict=True)])
-        counter("ntonix_backend_errors_total", "Failed requests to the backend.",
-                [(lb, b.errors) for lb, b in zip(labels, backends, strict=True)])
-        gauge("ntonix_backend_healthy", "1 when the active health check passes.",
-              [(lb, 1 if b.healthy else 0) for lb, b in zip(labels, backends, strict=True)])
-        gauge("ntonix_backend_circuit_open", "Circuit state: 0 closed, 1 open, 0.5 half-open.",
-              [(lb, _CIRCUIT_VALUE[b.breaker.state]) for lb, b in zip(labels, backends, strict=True)])
-        gauge("ntonix_backend_in_flight", "Requests in flight to the backend.",
-              [(lb, b.in_flight) for lb, b in zip(labels, backends, strict=True)])
-        _histogram(out, "ntonix_request_duration_milliseconds", "Time to answer a client request.",
-                   [((), self.request_latency)])
+        counter(
+            "ntonix_backend_requests_total",
+            "Requests sent to the backend.",
+            [(lb, b.requests) for lb, b in zip(labels, backends, strict=True)],
+        )
+        counter(
+            "ntonix_backend_errors_total",
+            "Failed requests to the backend.",
+            [(lb, b.errors) for lb, b in zip(labels, backends, strict=True)],
+        )
+        gauge(
+            "ntonix_backend_healthy",
+            "1 when the active health check passes.",
+            [(lb, 1 if b.healthy else 0) for lb, b in zip(labels, backends, strict=True)],
+        )
+        gauge(
+            "ntonix_backend_circuit_open",
+            "Circuit state: 0 closed, 1 open, 0.5 half-open.",
+            [(lb, _CIRCUIT_VALUE[b.breaker.state]) for lb, b in zip(labels, backends, strict=True)],
+        )
+        gauge(
+            "ntonix_backend_in_flight",
+            "Requests in flight to the backend.",
+            [(lb, b.in_flight) for lb, b in zip(labels, backends, strict=True)],
+        )
+        _histogram(
+            out,
+            "ntonix_request_duration_milliseconds",
+            "Time to answer a client request.",
+            [((), self.request_latency)],
+        )
         _histogram(out, "ntonix_ttft_milliseconds", "Time to first streamed byte.", [((), self.ttft)])
-        _histogram(out, "ntonix_backend_latency_milliseconds", "Backend request latency.",
-                   [(lb, b.latency) for lb, b in zip(labels, backends, strict=True)])
+        _histogram(
+            out,
+            "ntonix_backend_latency_milliseconds",
+            "Backend request latency.",
+            [(lb, b.latency) for lb, b in zip(labels, backends, strict=True)],
+        )
         out.append("")
         return "\n".join(out)
 
@@ -162,7 +220,9 @@ def _family(out: list[str], kind: str) -> Any:
     return emit
 
 
-def _histogram(out: list[str], name: str, help_text: str, samples: Sequence[tuple[Labels, Histogram]]) -> None:
+def _histogram(
+    out: list[str], name: str, help_text: str, samples: Sequence[tuple[Labels, Histogram]]
+) -> None:
     out.append(f"# HELP {name} {help_text}")
     out.append(f"# TYPE {name} histogram")
     for labels, hist in samples:

@@ -120,8 +120,15 @@ class Proxy:
             latency_ms = (time.perf_counter() - ex.started) * 1000.0
             metrics.finish(ex.status, latency_ms)
             logs.log_access(
-                ex.request_id, scope.method, scope.path, ex.backend, ex.status, ex.cache,
-                ex.bytes_sent, latency_ms, ex.ttfb_ms,
+                ex.request_id,
+                scope.method,
+                scope.path,
+                ex.backend,
+                ex.status,
+                ex.cache,
+                ex.bytes_sent,
+                latency_ms,
+                ex.ttfb_ms,
             )
 
     def _error(self, proto: Any, ex: Exchange, err: GatewayError) -> None:
@@ -225,8 +232,9 @@ class Proxy:
         else:
             leader.cancel()
 
-    async def _select_and_send(self, proto: Any, headers: Any, body: bytes, ex: Exchange, buffer: bool
-                               ) -> tuple[Backend, UpstreamResponse]:
+    async def _select_and_send(
+        self, proto: Any, headers: Any, body: bytes, ex: Exchange, buffer: bool
+    ) -> tuple[Backend, UpstreamResponse]:
         """Pick backends and send until one answers; retries only what is safe to retry."""
         forward_headers = headers.items()
         if "x-request-id" not in headers:
@@ -248,13 +256,16 @@ class Proxy:
                 response = await self._send_watching(proto, backend, forward_headers, body, buffer)
             except (UpstreamConnectError, UpstreamProtocolError) as err:
                 self._backend_failed(backend, started)
-                log.warning("request %s: backend %s failed before answering: %s", ex.request_id,
-                            backend.key, err)
+                log.warning(
+                    "request %s: backend %s failed before answering: %s", ex.request_id, backend.key, err
+                )
                 last = err
                 continue
             except UpstreamTimeoutError as err:
                 self._backend_failed(backend, started)
-                raise GatewayError(504, "upstream_timeout", f"backend did not answer in time: {err}") from None
+                raise GatewayError(
+                    504, "upstream_timeout", f"backend did not answer in time: {err}"
+                ) from None
             except BaseException:
                 backend.breaker.on_release()
                 raise
@@ -275,8 +286,9 @@ class Proxy:
         if backend.breaker.on_failure(time.monotonic()):
             log.warning("circuit opened for backend %s", backend.key)
 
-    async def _send_watching(self, proto: Any, backend: Backend, headers: list[tuple[str, str]], body: bytes,
-                             buffer: bool) -> UpstreamResponse:
+    async def _send_watching(
+        self, proto: Any, backend: Backend, headers: list[tuple[str, str]], body: bytes, buffer: bool
+    ) -> UpstreamResponse:
         """Send upstream; if the client disconnects first, cancel (closing the upstream socket).
 
         NOTE: watching for a disconnect costs a task; answers that come back within
@@ -292,7 +304,7 @@ class Proxy:
             watch.stop()
 
     async def _forward_whole(self, scope: Any, proto: Any, headers: Any, body: bytes, ex: Exchange) -> Answer:
-        backend, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
+        _, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
         data = response.body or b""
         return Answer(response.status, response.headers, data)
 
@@ -304,8 +316,9 @@ class Proxy:
         ex.bytes_sent = len(answer.body)
         proto.response_bytes(answer.status, headers, answer.body)
 
-    async def _forward_stream(self, scope: Any, proto: Any, headers: Any, body: bytes, key: int | None,
-                              ex: Exchange) -> None:
+    async def _forward_stream(
+        self, scope: Any, proto: Any, headers: Any, body: bytes, key: int | None, ex: Exchange
+    ) -> None:
         backend, response = await self._select_and_send(proto, headers, body, ex, buffer=False)
         out = [*response.headers, ("x-request-id", ex.request_id)]
         if ex.cache != "-":
@@ -357,11 +370,14 @@ class Proxy:
             if left:
                 metrics.client_disconnects += 1
                 ex.status = 499
-        if complete and record is not None and key is not None and self.cache is not None:
-            if record and record[-1].rstrip().endswith(b"[DONE]"):
-                self.cache.put(key, _pack(record), _content_type(response.headers))
+        # Only a stream that ended cleanly with [DONE] is worth replaying.
+        clean = complete and bool(record) and record is not None and _ends_stream(record[-1])
+        if clean and record is not None and key is not None and self.cache is not None:
+            self.cache.put(key, _pack(record), _content_type(response.headers))
 
-    async def _replay_stream(self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange) -> None:
+    async def _replay_stream(
+        self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange
+    ) -> None:
         transport = proto.response_stream(200, headers)
         for chunk in _unpack(stored):
             await transport.send_bytes(chunk)
@@ -389,6 +405,10 @@ class _DisconnectWatch:
     def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+def _ends_stream(chunk: bytes) -> bool:
+    return chunk.rstrip().endswith(b"[DONE]")
 
 
 def _content_type(headers: list[tuple[str, str]]) -> str:

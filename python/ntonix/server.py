@@ -43,7 +43,9 @@ def check_tls(settings: Settings) -> None:
     except PermissionError as err:
         raise ConfigError(f"ssl: cannot read {err.filename or cert}: permission denied") from None
     except ssl.SSLError as err:
-        raise ConfigError(f"ssl: cert_file {cert!r} and key_file {key!r} are not a valid pair: {err.reason}") from None
+        raise ConfigError(
+            f"ssl: cert_file {cert!r} and key_file {key!r} are not a valid pair: {err.reason}"
+        ) from None
 
 
 def build_servers(app: App, settings: Settings) -> list[Server]:
@@ -107,12 +109,16 @@ async def main(settings: Settings, reload: Reload | None) -> None:
         "NTONIX listening on http://%s:%d%s",
         settings.server.bind_address,
         settings.server.port,
-        f" and {scheme}://{settings.server.bind_address}:{settings.server.ssl_port}" if settings.ssl.enabled else "",
+        f" and {scheme}://{settings.server.bind_address}:{settings.server.ssl_port}"
+        if settings.ssl.enabled
+        else "",
     )
     stop_wait = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([*serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
-        log.warning("shutting down: draining requests in flight (grace %.1fs)", settings.server.shutdown_grace_seconds)
+        log.warning(
+            "shutting down: draining requests in flight (grace %.1fs)", settings.server.shutdown_grace_seconds
+        )
         for server in servers:
             server.stop()
         await _drain(app, settings.server.shutdown_grace_seconds)
