@@ -127,6 +127,7 @@ class App:
             self._health_task.cancel()
             self._health_task = None
         if self.started:
+            self.proxy.slow.close()
             self._loop.remove_reader(self.forwarder.wake_fd)
         self.started = False
 

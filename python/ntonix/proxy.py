@@ -91,6 +91,7 @@ class Proxy:
         self.retries = settings.proxy.retries
         self.max_body = int(settings.proxy.max_body_size_mb * 1024 * 1024)
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
+        self.slow = SlowRequestWatch()
         self._id_prefix = os.urandom(6).hex() + "-"
         self._id_counter = 0
 
@@ -159,7 +160,8 @@ class Proxy:
             leader = asyncio.get_running_loop().create_future()
             self.inflight[key] = leader
         try:
-            answer = await self._forward_whole(scope, proto, headers, body, ex)
+            _, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
+            answer = Answer(response.status, response.headers, response.body or b"")
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
@@ -252,8 +254,10 @@ class Proxy:
             ex.backend = backend.key
             started = time.perf_counter()
             backend.in_flight += 1
+            pending = self.forwarder.request("POST", backend.chat_url, forward_headers, body, buffer)
+            self.slow.add(pending, proto, pending.cancel)
             try:
-                response = await self._send_watching(proto, backend, forward_headers, body, buffer)
+                response = await pending
             except (UpstreamConnectError, UpstreamProtocolError) as err:
                 self._backend_failed(backend, started)
                 log.warning(
@@ -270,6 +274,7 @@ class Proxy:
                 backend.breaker.on_release()
                 raise
             finally:
+                self.slow.remove(pending)
                 backend.in_flight -= 1
             if response.status >= 500:
                 self._backend_failed(backend, started)
@@ -285,28 +290,6 @@ class Proxy:
         backend.record((time.perf_counter() - started) * 1000.0, failed=True)
         if backend.breaker.on_failure(time.monotonic()):
             log.warning("circuit opened for backend %s", backend.key)
-
-    async def _send_watching(
-        self, proto: Any, backend: Backend, headers: list[tuple[str, str]], body: bytes, buffer: bool
-    ) -> UpstreamResponse:
-        """Send upstream; if the client disconnects first, cancel (closing the upstream socket).
-
-        NOTE: watching for a disconnect costs a task; answers that come back within
-        `DISCONNECT_WATCH_DELAY` never pay for it, slow generations always do.
-        """
-        pending = self.forwarder.request("POST", backend.chat_url, headers, body, buffer)
-        watch = _DisconnectWatch(proto, pending.cancel)
-        timer = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_DELAY, watch.start)
-        try:
-            return await pending
-        finally:
-            timer.cancel()
-            watch.stop()
-
-    async def _forward_whole(self, scope: Any, proto: Any, headers: Any, body: bytes, ex: Exchange) -> Answer:
-        _, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
-        data = response.body or b""
-        return Answer(response.status, response.headers, data)
 
     def _respond_whole(self, proto: Any, answer: Answer, ex: Exchange) -> None:
         headers = [*answer.headers, ("x-request-id", ex.request_id)]
@@ -405,6 +388,49 @@ class _DisconnectWatch:
     def stop(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+class SlowRequestWatch:
+    """Watches for client disconnects only on requests that are still waiting after a while.
+
+    NOTE: a disconnect watch costs a task per request; most answers come back in a millisecond, so a
+    single sweeper moves requests from `fresh` to `aging` every `period` and starts watches on those
+    that were already aging (waiting between one and two periods). Per request that is one dict
+    insert and one delete; slow generations still learn of a client that left within two periods.
+    """
+
+    def __init__(self, period: float = DISCONNECT_WATCH_DELAY) -> None:
+        self.period = period
+        self.fresh: dict[object, tuple[Any, Callable[[], object]]] = {}
+        self.aging: dict[object, tuple[Any, Callable[[], object]]] = {}
+        self.watching: dict[object, _DisconnectWatch] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, token: object, proto: Any, on_disconnect: Callable[[], object]) -> None:
+        self.fresh[token] = (proto, on_disconnect)
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._sweep())
+
+    def remove(self, token: object) -> None:
+        if self.fresh.pop(token, None) is None and self.aging.pop(token, None) is None:
+            watch = self.watching.pop(token, None)
+            if watch is not None:
+                watch.stop()
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.period)
+            for token, (proto, on_disconnect) in self.aging.items():
+                watch = _DisconnectWatch(proto, on_disconnect)
+                watch.start()
+                self.watching[token] = watch
+            self.aging = self.fresh
+            self.fresh = {}
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 def _ends_stream(chunk: bytes) -> bool:
