@@ -6,9 +6,9 @@ its stderr is printed when the test fails (pytest shows captured output then).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +30,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, what: str = ""
+) -> Any:
     """Poll `predicate` until it returns a truthy value or `timeout` passes."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -73,10 +75,8 @@ class Proc:
     def kill(self) -> None:
         if self.alive():
             self.popen.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 class Processes:
@@ -173,7 +173,12 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def chat_body(content: str = "hello", stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": "mock-model", "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
+    return {
+        "model": "mock-model",
+        "messages": [{"role": "user", "content": content}],
+        "stream": stream,
+        **extra,
+    }
 
 
 def backend_addr(server: Any) -> str:

@@ -16,7 +16,10 @@ from werkzeug import Request, Response
 
 from tests.conftest import Processes, backend_addr, chat_body
 
-ANSWER = b'{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+ANSWER = (
+    b'{"id":"c1","object":"chat.completion",'
+    b'"choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
+)
 
 
 class CountingBackend:
@@ -50,7 +53,9 @@ def backend_server() -> Any:
         server.stop()
 
 
-def post(url: str, payload: Any, headers: dict[str, str] | None = None, raw: bytes | None = None) -> httpx.Response:
+def post(
+    url: str, payload: Any, headers: dict[str, str] | None = None, raw: bytes | None = None
+) -> httpx.Response:
     content = raw if raw is not None else json.dumps(payload).encode()
     return httpx.post(
         url + "/v1/chat/completions",
@@ -64,7 +69,9 @@ def stats(url: str) -> dict[str, Any]:
     return httpx.get(url + "/cache/stats").json()
 
 
-def test_miss_then_hit_replays_exact_bytes_and_stats_move(procs: Processes, backend_server: HTTPServer) -> None:
+def test_miss_then_hit_replays_exact_bytes_and_stats_move(
+    procs: Processes, backend_server: HTTPServer
+) -> None:
     backend = CountingBackend(backend_server)
     gw = procs.gateway([backend_addr(backend_server)])
     first = post(gw.url, chat_body("cache me"))
@@ -125,7 +132,7 @@ def test_no_cache_refreshes_and_no_store_bypasses(procs: Processes, backend_serv
 
 
 def test_non_2xx_answers_are_never_stored(procs: Processes, backend_server: HTTPServer) -> None:
-    backend = CountingBackend(backend_server, status=400)
+    CountingBackend(backend_server, status=400)
     gw = procs.gateway([backend_addr(backend_server)])
     for expected_call in (1, 2):
         answer = post(gw.url, chat_body("bad"))
