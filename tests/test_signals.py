@@ -176,9 +176,9 @@ def test_sighup_adds_removes_and_reweights_backends_without_dropping_requests(pr
     assert mock_stats(a)["chat_requests"] == a_chats
 
     reload_to(gateway, [(a, 3), (b, 1)])  # re-weight (and add back)
-    before = {m: mock_stats(m)["chat_requests"] for m in (a, b)}
+    before = [mock_stats(m)["chat_requests"] for m in (a, b)]
     assert set(spread(gateway, 40)) == {"a", "b"}
-    share_a, share_b = (mock_stats(m)["chat_requests"] - before[m] for m in (a, b))
+    share_a, share_b = (mock_stats(m)["chat_requests"] - n for m, n in zip((a, b), before, strict=True))
     assert 2.5 <= share_a / share_b <= 3.5, (share_a, share_b)
 
     body = stream.result()

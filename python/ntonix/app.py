@@ -70,6 +70,7 @@ class App:
         self._users = 0
         self.started = False
         self._health_task: asyncio.Task[None] | None = None
+        self._requests: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -139,6 +140,13 @@ class App:
         self.settings = msgspec.structs.replace(self.settings, backends=tuple(configs))
         log.warning("backends reloaded: %s", ", ".join(f"{b.key} (weight {b.weight})" for b in self.backends))
 
+    def cancel_requests(self) -> int:
+        """Cancel every chat request in flight (shutdown after the grace period); answers how many."""
+        tasks = list(self._requests)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
+
     # -- routing ----------------------------------------------------------------------------
 
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
@@ -147,7 +155,15 @@ class App:
         path = scope.path
         if path == CHAT_ROUTE:
             if scope.method == "POST":
-                await self.proxy.handle(scope, proto)
+                task = asyncio.current_task()
+                if task is None:  # Granian's Rust task implementation: not cancellable at shutdown
+                    await self.proxy.handle(scope, proto)
+                    return
+                self._requests.add(task)
+                try:
+                    await self.proxy.handle(scope, proto)
+                finally:
+                    self._requests.discard(task)
             else:
                 self._fail(proto, 405, "method_not_allowed", f"{scope.method} is not allowed on {path}")
             return

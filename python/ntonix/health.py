@@ -75,6 +75,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def reset(self) -> None:
+        """Close the circuit without a probe (the backend passed its active checks again)."""
+        self.state = CLOSED
+        self.failures = 0
+        self.probe_in_flight = False
+
     def on_release(self) -> None:
         """The request ended with no verdict (the client left): free the half-open slot."""
         self.probe_in_flight = False
@@ -116,6 +122,9 @@ class HealthChecker:
             backend.consecutive_check_successes += 1
             if not backend.healthy and backend.consecutive_check_successes >= self.config.healthy_threshold:
                 backend.healthy = True
+                # Passing the active checks again also closes a circuit the same outage opened (envoy's
+                # `successful_active_health_check_uneject_host`): else it would wait out open_seconds.
+                backend.breaker.reset()
                 log.warning("backend %s is healthy again", backend.key)
         else:
             backend.consecutive_check_successes = 0

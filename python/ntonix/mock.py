@@ -34,7 +34,7 @@ from granian.server.embed import Server
 __all__ = ["MockApp", "create_mock_app", "mock_command", "serve_mock"]
 
 
-# --- the parts of Granian's RSGI protocol this module uses ------------------------------------------------
+# --- the parts of Granian's RSGI protocol this module uses
 
 
 class _Headers(Protocol):
@@ -66,7 +66,7 @@ class _HTTPProtocol(Protocol):
 
 _Handler = Callable[[_Scope, _HTTPProtocol], Awaitable[None]]
 
-# --- request and admin documents ---------------------------------------------------------------------------
+# --- request and admin documents
 
 
 class _Part(msgspec.Struct):
@@ -103,7 +103,7 @@ class _Stats(msgspec.Struct):
     streams_started: int = 0
     streams_completed: int = 0
     streams_cancelled: int = 0
-    streams_aborted: int = 0
+    aborted: int = 0
     requests_cancelled: int = 0
     in_flight: int = 0
     last_headers: dict[str, str] | None = None
@@ -122,7 +122,7 @@ _BACKPRESSURE: Final = 65536
 _BACKLOG: Final = 2048
 
 
-class _BadRequest(Exception):
+class _BadRequestError(Exception):
     """A request the mock refuses with 400 (bad JSON, bad `X-Mock-*` header)."""
 
 
@@ -130,7 +130,7 @@ def _error_body(message: str, type_: str, code: str | int | None) -> bytes:
     return _encode({"error": {"message": message, "type": type_, "code": code}})
 
 
-# --- knobs ---------------------------------------------------------------------------------------------------
+# --- knobs
 
 
 class _Knobs:
@@ -153,18 +153,21 @@ def _header_number(headers: dict[str, str], name: str, minimum: float, maximum: 
     try:
         value = float(raw)
     except ValueError:
-        raise _BadRequest(f"header {name}: {raw!r} is not a number") from None
+        raise _BadRequestError(f"header {name}: {raw!r} is not a number") from None
     if not minimum <= value <= maximum:
-        raise _BadRequest(f"header {name}: {raw!r} is out of range [{minimum:g}, {maximum:g}]")
+        raise _BadRequestError(f"header {name}: {raw!r} is out of range [{minimum:g}, {maximum:g}]")
     return value
 
 
 def _header_int(headers: dict[str, str], name: str, minimum: int, maximum: int) -> int:
     raw = headers[name]
     try:
-        return int(raw) if minimum <= int(raw) <= maximum else _header_number(headers, name, minimum, maximum)
+        value = int(raw)
     except ValueError:
-        raise _BadRequest(f"header {name}: {raw!r} is not an integer") from None
+        raise _BadRequestError(f"header {name}: {raw!r} is not an integer") from None
+    if not minimum <= value <= maximum:
+        raise _BadRequestError(f"header {name}: {raw!r} is out of range [{minimum}, {maximum}]")
+    return value
 
 
 def _parse_knobs(headers: dict[str, str], defaults: _Knobs) -> _Knobs:
@@ -179,7 +182,7 @@ def _parse_knobs(headers: dict[str, str], defaults: _Knobs) -> _Knobs:
     if "x-mock-status" in headers:
         knobs.status = _header_int(headers, "x-mock-status", 200, 599)
         if 200 < knobs.status < 400:
-            raise _BadRequest("header x-mock-status: must be 200 (no-op) or 400-599")
+            raise _BadRequestError("header x-mock-status: must be 200 (no-op) or 400-599")
     if "x-mock-hang" in headers:
         knobs.hang = headers["x-mock-hang"].strip().lower() not in ("", "0", "false", "no")
     if "x-mock-abort-after" in headers:
@@ -188,7 +191,7 @@ def _parse_knobs(headers: dict[str, str], defaults: _Knobs) -> _Knobs:
     return knobs
 
 
-# --- answers ---------------------------------------------------------------------------------------------------
+# --- answers
 
 
 def _text_of(message: _Message) -> str:
@@ -198,6 +201,11 @@ def _text_of(message: _Message) -> str:
     if isinstance(content, str):
         return content
     return " ".join(part.text for part in content if part.text)
+
+
+def _members(obj: dict[str, Any]) -> bytes:
+    """`obj` as JSON without its opening brace, to be appended to a head that opened the object."""
+    return _encode(obj)[1:]
 
 
 def _answer_words(prompt: str, count: int) -> list[str]:
@@ -211,7 +219,9 @@ class _Answer:
 
     __slots__ = ("body_tail", "chunk_tails", "content", "model_part", "usage_tail")
 
-    def __init__(self, model: str, fingerprint: str, words: list[str], prompt_tokens: int, finish: str) -> None:
+    def __init__(
+        self, model: str, fingerprint: str, words: list[str], prompt_tokens: int, finish: str
+    ) -> None:
         self.content = " ".join(words)
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -220,7 +230,7 @@ class _Answer:
         }
         identity = {"model": model, "system_fingerprint": fingerprint}
         # `{"id":…,"object":…,"created":T,` + body_tail is the whole chat.completion object.
-        self.body_tail = _encode(
+        self.body_tail = _members(
             {
                 **identity,
                 "choices": [
@@ -233,18 +243,18 @@ class _Answer:
                 ],
                 "usage": usage,
             }
-        )[1:]
+        )
         # `data: {"id":…,"object":…,"created":T,` + model_part + one of chunk_tails is one SSE event.
-        self.model_part = _encode(identity)[1:-1] + b","
+        self.model_part = _members(identity)[:-1] + b","
         deltas: list[tuple[dict[str, str], str | None]] = [({"role": "assistant", "content": ""}, None)]
         deltas += [({"content": word if i == 0 else " " + word}, None) for i, word in enumerate(words)]
         deltas.append(({}, finish))
         self.chunk_tails = [
-            _encode({"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})[1:]
+            _members({"choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
             + b"\n\n"
             for delta, reason in deltas
         ]
-        self.usage_tail = _encode({"choices": [], "usage": usage})[1:] + b"\n\n"
+        self.usage_tail = _members({"choices": [], "usage": usage}) + b"\n\n"
 
 
 class _DisconnectWatch:
@@ -268,7 +278,7 @@ class _DisconnectWatch:
         self._future.cancel()
 
 
-# --- the app ---------------------------------------------------------------------------------------------------
+# --- the app
 
 
 class MockApp:
@@ -320,7 +330,7 @@ class MockApp:
             self._error(proto, 405, f"{scope.path} accepts {allowed}", "invalid_request_error", "bad_method")
             return
         task = asyncio.current_task()
-        if task is None:  # Granian's Rust task implementation: no shutdown hook, but works
+        if task is None:  # Granian's Rust task implementation: served, but not cancellable by close()
             await handler(scope, proto)
             return
         self._tasks.add(task)
@@ -338,7 +348,7 @@ class MockApp:
         for task in list(self._tasks):
             task.cancel()
 
-    # --- small endpoints ---
+    # --- small endpoints
 
     def _error(self, proto: _HTTPProtocol, status: int, message: str, type_: str, code: str | int) -> None:
         proto.response_bytes(status, self._json_headers, _error_body(message, type_, code))
@@ -360,7 +370,13 @@ class MockApp:
         try:
             update = _HEALTH_DECODER.decode(await proto())
         except msgspec.DecodeError as err:
-            self._error(proto, 400, f"expected {{'status': int, 'delay_ms': float}}: {err}", "invalid_request_error", "invalid_json")
+            self._error(
+                proto,
+                400,
+                f"expected {{'status': int, 'delay_ms': float}}: {err}",
+                "invalid_request_error",
+                "invalid_json",
+            )
             return
         self._health_status = update.status
         self._health_delay = update.delay_ms / 1000.0
@@ -374,7 +390,7 @@ class MockApp:
         self.stats = _Stats(in_flight=self.stats.in_flight)
         proto.response_bytes(200, self._json_headers, _encode(self.stats))
 
-    # --- chat completions ---
+    # --- chat completions
 
     def _answer(self, request: _ChatRequest, tokens: int) -> _Answer:
         model = request.model or self.model
@@ -394,20 +410,19 @@ class MockApp:
         return answer
 
     async def _chat(self, scope: _Scope, proto: _HTTPProtocol) -> None:
-        stats = self.stats
-        stats.requests += 1
-        stats.chat_requests += 1
-        stats.in_flight += 1
+        self.stats.requests += 1
+        self.stats.chat_requests += 1
+        self.stats.in_flight += 1
         watch: _DisconnectWatch | None = None
         streaming = False
         try:
             body = await proto()
             headers = dict(scope.headers.items())
-            stats.last_headers = headers
-            stats.last_body = body.decode("utf-8", "replace")
+            self.stats.last_headers = headers
+            self.stats.last_body = body.decode("utf-8", "replace")
             try:
-                knobs = _parse_knobs(headers, self.defaults) if "x-mock" in str(headers.keys()) else self.defaults
-            except _BadRequest as err:
+                knobs = _parse_knobs(headers, self.defaults)
+            except _BadRequestError as err:
                 self._error(proto, 400, str(err), "invalid_request_error", "invalid_mock_header")
                 return
             if knobs.hang:
@@ -427,7 +442,9 @@ class MockApp:
             try:
                 request = _CHAT_DECODER.decode(body)
             except msgspec.DecodeError as err:
-                self._error(proto, 400, f"invalid chat request: {err}", "invalid_request_error", "invalid_json")
+                self._error(
+                    proto, 400, f"invalid chat request: {err}", "invalid_request_error", "invalid_json"
+                )
                 return
             answer = self._answer(request, knobs.tokens)
             streaming = bool(request.stream)
@@ -439,7 +456,7 @@ class MockApp:
                 options = request.stream_options
                 await self._stream(proto, answer, knobs, bool(options and options.include_usage))
             else:
-                self._complete(proto, answer, knobs)
+                await self._complete(proto, answer, knobs)
         except asyncio.CancelledError:
             if watch is None or not watch.fired:
                 raise
@@ -453,24 +470,21 @@ class MockApp:
             self.stats.in_flight -= 1
 
     def _head(self, kind: bytes) -> bytes:
-        rid = self._id_prefix + f"{next(self._ids):x}".encode()
-        return b'{"id":"' + rid + b'","object":"' + kind + b'","created":' + str(int(time.time())).encode() + b","
+        rid = b"%s%x" % (self._id_prefix, next(self._ids))
+        return b'{"id":"%s","object":"%s","created":%d,' % (rid, kind, int(time.time()))
 
-    def _complete(self, proto: _HTTPProtocol, answer: _Answer, knobs: _Knobs) -> None:
+    async def _complete(self, proto: _HTTPProtocol, answer: _Answer, knobs: _Knobs) -> None:
         body = self._head(b"chat.completion") + answer.body_tail
         if knobs.abort_after is None:
             proto.response_bytes(200, self._json_headers, body)
             return
-        self._abort_started()
-        # A declared length longer than what is sent makes the server drop the connection mid-body, which
-        # is what a crashing backend looks like; Granian would otherwise end a stream cleanly.
-        cut = min(knobs.abort_after, len(body) - 1)
+        # A declared length longer than what is sent makes Granian drop the connection mid-body, which is
+        # what a crashing backend looks like; a stream that merely ends would be a clean, complete answer.
+        self.stats.aborted += 1
         transport = proto.response_stream(200, [*self._json_headers, ("content-length", str(len(body)))])
+        cut = min(knobs.abort_after, len(body) - 1)
         if cut:
-            asyncio.ensure_future(transport.send_bytes(body[:cut]))
-
-    def _abort_started(self) -> None:
-        self.stats.streams_aborted += 1
+            await transport.send_bytes(body[:cut])
 
     def _events(self, answer: _Answer, include_usage: bool) -> Iterator[bytes]:
         head = b"data: " + self._head(b"chat.completion.chunk") + answer.model_part
@@ -480,7 +494,9 @@ class MockApp:
             yield head + answer.usage_tail
         yield _DONE
 
-    async def _stream(self, proto: _HTTPProtocol, answer: _Answer, knobs: _Knobs, include_usage: bool) -> None:
+    async def _stream(
+        self, proto: _HTTPProtocol, answer: _Answer, knobs: _Knobs, include_usage: bool
+    ) -> None:
         events: Iterator[bytes] = self._events(answer, include_usage)
         headers = self._sse_headers
         limit = -1
@@ -496,7 +512,7 @@ class MockApp:
         start = time.monotonic()
         for index, event in enumerate(events):
             if index == limit:
-                self.stats.streams_aborted += 1
+                self.stats.aborted += 1
                 return
             # Event 0 is the role, event k (1..n) is token k-1, due k-1 intervals after the start.
             if interval and 1 < index <= last_token:
@@ -551,7 +567,12 @@ async def _serve(app: MockApp, host: str, port: int, threads: int) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    await server.serve()
+    try:
+        await server.serve()
+    except RuntimeError as err:  # Granian reports a failed bind as RuntimeError("... (os error N)")
+        if "(os error" not in str(err):
+            raise
+        raise OSError(str(err).splitlines()[0]) from None
 
 
 def serve_mock(
@@ -579,8 +600,12 @@ def serve_mock(
 
 @click.command("mock", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on.")
-@click.option("--name", default=None, help="Name reported as system_fingerprint and X-Mock-Name [default: mock-PORT].")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8001, show_default=True, help="Port to listen on."
+)
+@click.option(
+    "--name", default=None, help="Name reported as system_fingerprint and X-Mock-Name [default: mock-PORT]."
+)
 @click.option("--model", default="mock-model", show_default=True, help="Model id listed by /v1/models.")
 @click.option(
     "--latency-ms",
@@ -604,10 +629,21 @@ def serve_mock(
     help="Words per answer (header X-Mock-Tokens); a smaller max_tokens in the request caps it.",
 )
 @click.option(
-    "--threads", type=click.IntRange(1, 256), default=1, show_default=True, help="Granian runtime (I/O) threads."
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Granian runtime (I/O) threads.",
 )
 def mock_command(
-    host: str, port: int, name: str | None, model: str, latency_ms: float, token_rate: float, tokens: int, threads: int
+    host: str,
+    port: int,
+    name: str | None,
+    model: str,
+    latency_ms: float,
+    token_rate: float,
+    tokens: int,
+    threads: int,
 ) -> None:
     """Run a mock OpenAI-compatible LLM backend (chat completions, SSE streaming, /health, /v1/models).
 
@@ -630,7 +666,7 @@ def mock_command(
             threads=threads,
         )
     except OSError as err:
-        raise click.ClickException(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise click.ClickException(f"cannot listen on {host}:{port}: {err}") from None
 
 
 if __name__ == "__main__":

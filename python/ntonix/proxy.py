@@ -6,9 +6,10 @@ coalesce onto an identical request in flight, or miss) → `select` a backend �
 `respond` (whole answer, or SSE chunks as they arrive) → `record` (cache fill,
 metrics, access log).
 
-Retry safety, written down: only a failure before the backend's status line
-(connect refused, reset before any answer) goes to another backend, never the
-same one twice, and never once a byte reached the client. A timeout is not
+Retry safety, written down: only a failure before anything reached the client
+goes to another backend: connect refused, a reset before the status line, or a
+non-streamed answer cut short (it is read whole before the client sees a byte).
+Never the same backend twice, never once a byte reached the client. A timeout is not
 retried (the backend may still be generating; retrying would double the load).
 A client that leaves cancels the upstream request at once.
 """
@@ -16,6 +17,7 @@ A client that leaves cancels the upstream request at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -32,6 +34,7 @@ from ntonix.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeoutError,
+    error_body,
 )
 
 if TYPE_CHECKING:
@@ -330,6 +333,11 @@ class Proxy:
                     metrics.stream_errors += 1
                     self._backend_failed(backend, ex.started)
                     log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
+                    if not left and _content_type(response.headers).startswith("text/event-stream"):
+                        # the status line is gone: an in-band OpenAI error event tells the client the
+                        # stream broke (the openai SDK raises APIError) instead of a quiet, truncated end
+                        with contextlib.suppress(Exception):
+                            await transport.send_bytes(_stream_error_event(err))
                     break
                 if chunk is None:
                     complete = not left
@@ -431,6 +439,12 @@ class SlowRequestWatch:
         if self._task is not None:
             self._task.cancel()
             self._task = None
+
+
+def _stream_error_event(err: Exception) -> bytes:
+    """An SSE event carrying an OpenAI error; the leading blank line ends any event cut in half."""
+    body = error_body(502, f"backend failed mid-stream: {err}", "upstream_stream_broken")
+    return b"\n\ndata: " + body + b"\n\n"
 
 
 def _ends_stream(chunk: bytes) -> bool:

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import signal
 import ssl
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,22 +29,34 @@ from ntonix.config import ConfigError, Settings
 log = logging.getLogger("ntonix.server")
 
 Reload = Callable[[], Settings]
+# After the grace period, how long the cancelled requests get to unwind before the servers are dropped.
+FORCED_STOP_SECONDS = 2.0
 
 
 def check_tls(settings: Settings) -> None:
     """Fail start-up with one line when the certificate or key is missing, unreadable or mismatched."""
     cert, key = settings.ssl.cert_file, settings.ssl.key_file
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
-    except FileNotFoundError as err:
-        raise ConfigError(f"ssl: cannot read {err.filename or cert}: no such file") from None
-    except PermissionError as err:
-        raise ConfigError(f"ssl: cannot read {err.filename or cert}: permission denied") from None
+        with open(key, "rb") as fh:
+            encrypted = b"ENCRYPTED" in fh.read()
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except ssl.SSLError as err:  # before OSError, its base class
+        raise ConfigError(f"ssl: cert_file {cert!r}: no PEM certificate found ({err.reason})") from None
+    except OSError as err:
+        raise ConfigError(f"ssl: cannot read {err.filename or cert}: {err.strerror or err}") from None
+    try:
+        # A callback that supplies no password: OpenSSL would otherwise prompt on the terminal.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as err:
-        raise ConfigError(
-            f"ssl: cert_file {cert!r} and key_file {key!r} are not a valid pair: {err.reason}"
-        ) from None
+        if err.reason == "KEY_VALUES_MISMATCH":
+            problem = f"cert_file {cert!r} and key_file {key!r} do not match (not the certificate's key)"
+        elif encrypted:
+            problem = f"key_file {key!r}: encrypted private keys are not supported"
+        else:
+            problem = f"key_file {key!r}: no PEM private key found"
+        raise ConfigError(f"ssl: {problem}") from None
+    except OSError as err:
+        raise ConfigError(f"ssl: cannot read {err.filename or cert}: {err.strerror or err}") from None
 
 
 def build_servers(app: App, settings: Settings) -> list[Server]:
@@ -73,11 +84,26 @@ def build_servers(app: App, settings: Settings) -> list[Server]:
     return servers
 
 
-async def _drain(app: App, grace: float) -> None:
-    """Wait until no request is in flight, or the grace period is over."""
-    deadline = time.monotonic() + grace
-    while app.started and app.metrics.requests_active > 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+async def _shutdown(
+    app: App, servers: list[Server], serving: list[asyncio.Future[None]], grace: float
+) -> None:
+    """Stop accepting, let the requests in flight finish for up to `grace` seconds, cancel the rest.
+
+    NOTE: Granian's embedded `Server.stop()` closes the listening socket at once (new connections are
+    refused), closes idle keep-alive connections, and its `serve()` returns only once every connection
+    in flight has finished: it has no time limit of its own, so a long stream would hold the process
+    forever. The grace period is enforced here by cancelling the requests still running when it ends
+    (their clients see the answer cut short); Granian then finishes at once.
+    """
+    for server in servers:
+        server.stop()
+    _, pending = await asyncio.wait(serving, timeout=grace)
+    if not pending:
+        return
+    log.warning("grace period over: cancelling %d request(s) still in flight", app.cancel_requests())
+    _, pending = await asyncio.wait(pending, timeout=FORCED_STOP_SECONDS)
+    for task in pending:
+        task.cancel()
 
 
 async def main(settings: Settings, reload: Reload | None) -> None:
@@ -119,9 +145,7 @@ async def main(settings: Settings, reload: Reload | None) -> None:
         log.warning(
             "shutting down: draining requests in flight (grace %.1fs)", settings.server.shutdown_grace_seconds
         )
-        for server in servers:
-            server.stop()
-        await _drain(app, settings.server.shutdown_grace_seconds)
+        await _shutdown(app, servers, serving, settings.server.shutdown_grace_seconds)
     else:
         stop_wait.cancel()
     results = await asyncio.gather(*serving, return_exceptions=True)
