@@ -258,6 +258,7 @@ def test_compose_names_the_gateway_and_two_mocks(compose: dict[str, Any]) -> Non
     assert set(gateway["depends_on"]) == {"mock-a", "mock-b"}
     grace = gateway.get("stop_grace_period", "10s")
     assert int(grace.rstrip("s")) > 30, "docker stop must wait longer than the drain grace"
+    assert gateway["ulimits"]["nofile"]["soft"] >= 65536, "two descriptors per open stream"
 
     for name, port in (("mock-a", "8001"), ("mock-b", "8002")):
         command = services[name]["command"]

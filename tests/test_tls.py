@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -143,6 +144,26 @@ def test_plain_http_on_the_tls_port_is_not_served(tls_gateway: tuple[Any, str, P
     _, https, _ = tls_gateway
     with pytest.raises(httpx.HTTPError):
         httpx.get(https.replace("https://", "http://") + "/health", timeout=5.0)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_tls_1_2_and_1_3_are_accepted(tls_gateway: tuple[Any, str, Path], version: ssl.TLSVersion) -> None:
+    """Like nginx's default: TLS 1.2 clients are still common on internal networks."""
+    _, https, cert = tls_gateway
+    port = int(https.rsplit(":", 1)[1])
+    context = trust(cert)
+    context.minimum_version = context.maximum_version = version
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.version() == version.name.replace("_", ".")
+        tls.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := tls.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert answer.endswith(b'{"status":"healthy"}')
 
 
 def test_http_and_https_share_one_cache_and_one_set_of_metrics(
@@ -324,3 +345,25 @@ def test_start_up_failure_is_written_to_stderr_only(backend: HTTPServer, tmp_pat
     assert done.stdout == ""
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert done.stderr.startswith("ntonix: ssl"), done.stderr
+
+
+def test_busy_ssl_port_stops_the_gateway(procs: Processes, backend: HTTPServer, tmp_path: Path) -> None:
+    """If the HTTPS listener cannot bind, the gateway must not go on serving plain HTTP alone."""
+    cert, key = make_cert(tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ssl_port = busy.getsockname()[1]
+        proc = procs.gateway(
+            backends=[backend_addr(backend)], config=tls_config(cert, key, ssl_port), wait=False
+        )
+        try:
+            code = proc.popen.wait(timeout=START_DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"gateway kept running without its HTTPS listener:\n{proc.log()}")
+    output = proc.log()
+    assert code == 2, output
+    assert "Traceback" not in output
+    assert "backtrace" not in output.lower()  # Granian's Rust error text is cut to its first line
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(f"ntonix: cannot listen on 127.0.0.1:{ssl_port}: "), output

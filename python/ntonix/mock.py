@@ -20,6 +20,7 @@ import itertools
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -547,6 +548,15 @@ def _raise_open_files_limit() -> None:
         pass
 
 
+def _check_port_free(host: str, port: int) -> None:
+    # Granian binds with SO_REUSEPORT, so a second mock on a busy port would silently share it with the
+    # first; a probe without that option fails with EADDRINUSE instead (and SO_REUSEADDR ignores TIME_WAIT).
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+
+
 async def _serve(app: MockApp, host: str, port: int, threads: int) -> None:
     server = Server(
         app,
@@ -586,8 +596,13 @@ def serve_mock(
     tokens: int = 16,
     threads: int = 1,
 ) -> None:
-    """Serve a mock backend on host:port until SIGTERM or SIGINT (then return normally)."""
+    """Serve a mock backend on host:port until SIGTERM or SIGINT, then return.
+
+    A process that ends after this should leave with `os._exit` (as `mock_command` does): Granian's Rust
+    threads may otherwise panic during interpreter teardown.
+    """
     app = create_mock_app(name or f"mock-{port}", model, latency_ms, token_rate, tokens)
+    _check_port_free(host, port)
     _raise_open_files_limit()
     print(
         f"{app.name}: mock OpenAI backend on http://{host}:{port} (model {model}, {tokens} tokens, "
@@ -667,6 +682,12 @@ def mock_command(
         )
     except OSError as err:
         raise click.ClickException(f"cannot listen on {host}:{port}: {err}") from None
+    # Granian's Rust threads outlive the embedded server; at interpreter teardown one of them often
+    # panics ("panic in a function that cannot unwind") and sometimes aborts the process. The server has
+    # stopped cleanly by now, so end the process before that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from granian.constants import HTTPModes, Interfaces
+from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.server.embed import Server
 
 from ntonix.app import App
 from ntonix.config import ConfigError, Settings
+from ntonix.system import raise_open_files_limit
 
 log = logging.getLogger("ntonix.server")
 
@@ -78,6 +79,8 @@ def build_servers(app: App, settings: Settings) -> list[Server]:
                 http=HTTPModes.auto,
                 ssl_cert=Path(settings.ssl.cert_file),
                 ssl_key=Path(settings.ssl.key_file),
+                # Granian's default minimum is TLS 1.3; nginx habits (and older clients) expect 1.2 too.
+                ssl_protocol_min=SSLProtocols.tls12,
                 **common,  # type: ignore[arg-type]
             )
         )
@@ -148,14 +151,26 @@ async def main(settings: Settings, reload: Reload | None) -> None:
         await _shutdown(app, servers, serving, settings.server.shutdown_grace_seconds)
     else:
         stop_wait.cancel()
+        # A listener failed (port in use...): stop the other one, the gateway must not half-run.
+        for server, task in zip(servers, serving, strict=True):
+            if not task.done():
+                server.stop()
     results = await asyncio.gather(*serving, return_exceptions=True)
-    for result in results:
+    ports = (settings.server.port, settings.server.ssl_port)
+    for port, result in zip(ports, results, strict=False):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            raise ConfigError(f"server failed: {result}")
+            # Granian's errors end with a Rust backtrace when RUST_BACKTRACE is set: first line only.
+            reason = (str(result).strip().splitlines() or [type(result).__name__])[0]
+            raise ConfigError(f"cannot listen on {settings.server.bind_address}:{port}: {reason}")
 
 
 def serve(settings: Settings, reload: Reload | None = None) -> None:
     """Run the gateway until SIGTERM/SIGINT."""
+    limit = raise_open_files_limit()
+    if limit < 4096:
+        log.warning(
+            "open-files limit is %d: at most ~%d concurrent streams (raise `ulimit -n`)", limit, limit // 2
+        )
     try:
         asyncio.run(main(settings, reload))
     except OSError as err:
