@@ -247,6 +247,11 @@ def test_token_rate_spaces_chunks(mock: Mock) -> None:
     assert span < 3 * (tokens - 1) / rate, gaps
     assert 0.025 <= statistics.median(gaps) <= 0.1, gaps
 
+    # A non-streamed answer arrives when the stream would have ended.
+    started = time.monotonic()
+    httpx.post(mock.url + "/v1/chat/completions", json=chat("pace"), headers=headers, timeout=10)
+    assert time.monotonic() - started >= 0.9 * (tokens - 1) / rate
+
     # Rate 0 means as fast as possible: the same stream takes a fraction of that time.
     started = time.monotonic()
     stream_events(mock.url, body, {"X-Mock-Tokens": str(tokens)})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import resource
 import signal
 import socket
 import sys
@@ -31,6 +30,8 @@ import msgspec
 from granian.constants import Interfaces
 from granian.log import LogLevels
 from granian.server.embed import Server
+
+from ntonix.system import raise_open_files_limit
 
 __all__ = ["MockApp", "create_mock_app", "mock_command", "serve_mock"]
 
@@ -98,6 +99,14 @@ class _HealthUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class _Stats(msgspec.Struct):
+    """Counters served by `GET /mock/stats` (the admin endpoints themselves are not counted).
+
+    `streams_*` count chat requests with `"stream": true` that got past forced status and parsing:
+    completed (sent `[DONE]`), cancelled (the client went away, noticed by a failed send or by
+    `client_disconnect`), or cut by `X-Mock-Abort-After` (`aborted`, which counts non-streamed cuts too).
+    `requests_cancelled` counts non-streamed requests and hangs whose client left before the answer.
+    """
+
     requests: int = 0
     chat_requests: int = 0
     health_requests: int = 0
@@ -218,12 +227,13 @@ def _answer_words(prompt: str, count: int) -> list[str]:
 class _Answer:
     """One distinct answer, encoded once: everything but the id and the timestamp, which are spliced in."""
 
-    __slots__ = ("body_tail", "chunk_tails", "content", "model_part", "usage_tail")
+    __slots__ = ("body_tail", "chunk_tails", "content", "model_part", "tokens", "usage_tail")
 
     def __init__(
         self, model: str, fingerprint: str, words: list[str], prompt_tokens: int, finish: str
     ) -> None:
         self.content = " ".join(words)
+        self.tokens = len(words)
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(words),
@@ -451,8 +461,10 @@ class MockApp:
             streaming = bool(request.stream)
             if streaming:
                 self.stats.streams_started += 1
-            if knobs.latency:
-                await asyncio.sleep(knobs.latency)
+            # A non-streamed answer is ready when its stream would have ended: latency plus generation.
+            delay = knobs.latency if streaming else knobs.latency + knobs.interval * max(answer.tokens - 1, 0)
+            if delay:
+                await asyncio.sleep(delay)
             if streaming:
                 options = request.stream_options
                 await self._stream(proto, answer, knobs, bool(options and options.include_usage))
@@ -509,7 +521,7 @@ class MockApp:
                 headers = [*headers, ("content-length", str(sum(map(len, every))))]
         transport = proto.response_stream(200, headers)
         interval = knobs.interval
-        last_token = len(answer.chunk_tails) - 2
+        last_token = answer.tokens
         start = time.monotonic()
         for index, event in enumerate(events):
             if index == limit:
@@ -535,17 +547,6 @@ def create_mock_app(
     if latency_ms < 0 or token_rate < 0 or tokens < 0:
         raise ValueError("latency_ms, token_rate and tokens must not be negative")
     return MockApp(name, model, latency_ms, token_rate, tokens)
-
-
-def _raise_open_files_limit() -> None:
-    # Each open stream is a socket: 10,000 of them need more than the usual soft limit of 1024.
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        wanted = hard if hard != resource.RLIM_INFINITY else 1 << 20
-        if soft != resource.RLIM_INFINITY and soft < wanted:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (ValueError, OSError):
-        pass
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -603,7 +604,7 @@ def serve_mock(
     """
     app = create_mock_app(name or f"mock-{port}", model, latency_ms, token_rate, tokens)
     _check_port_free(host, port)
-    _raise_open_files_limit()
+    raise_open_files_limit()
     print(
         f"{app.name}: mock OpenAI backend on http://{host}:{port} (model {model}, {tokens} tokens, "
         f"{token_rate:g} tokens/s, {latency_ms:g} ms latency)",
@@ -634,7 +635,8 @@ def serve_mock(
     type=click.FloatRange(min=0),
     default=0.0,
     show_default=True,
-    help="Streamed tokens per second, 0 = as fast as possible (header X-Mock-Token-Rate).",
+    help="Tokens generated per second, 0 = as fast as possible; a non-streamed answer waits as long as "
+    "its stream would take (header X-Mock-Token-Rate).",
 )
 @click.option(
     "--tokens",

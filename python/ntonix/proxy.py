@@ -394,8 +394,13 @@ class _DisconnectWatch:
             self.on_disconnect()
 
     def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
+        # NOTE: Granian's awaitable keeps its done callback after a cancel and is invisible to the
+        # cyclic GC: awaitable -> self._fired -> self -> awaitable would leak every watch (with its
+        # proto and upstream response) for good. Drop the callback and our reference to break it.
+        task, self.task = self.task, None
+        if task is not None:
+            task.remove_done_callback(self._fired)
+            task.cancel()
 
 
 class SlowRequestWatch:

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The body of `make demo`: two mock LLM backends (:8001 mock-a, :8002 mock-b) and the NTONIX gateway on
+# :8080 in front of them, with the curl lines to try. Run from the repo root with .venv/bin on PATH and the
+# package installed (the Makefile does both). Ctrl-C (or SIGTERM to this script) stops everything: the
+# gateway and the mocks are stopped by PID whenever this script exits, however it exits.
+set -euo pipefail
+
+GATEWAY_PORT=8080
+MOCK_PORTS=(8001 8002)
+MOCK_NAMES=(mock-a mock-b)
+HEALTH_DEADLINE_SECONDS=20
+
+if ! command -v ntonix >/dev/null 2>&1; then
+    echo "demo: 'ntonix' is not on PATH; run 'make demo' (it builds and installs the package)" >&2
+    exit 1
+fi
+# `ntonix mock` once the CLI has the subcommand; the module itself until then.
+if ntonix mock --help >/dev/null 2>&1; then
+    MOCK=(ntonix mock)
+else
+    MOCK=(python -m ntonix.mock)
+fi
+
+gateway_pid=""
+mock_pids=()
+stop_and_wait() {
+    for pid in "$@"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "$@"; do
+        wait "$pid" 2>/dev/null || true
+    done
+}
+cleanup() {
+    trap - EXIT INT TERM
+    # The gateway first, so that it drains before its backends go away.
+    if [[ -n "$gateway_pid" ]]; then
+        stop_and_wait "$gateway_pid"
+    fi
+    if ((${#mock_pids[@]})); then
+        stop_and_wait "${mock_pids[@]}"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for i in "${!MOCK_PORTS[@]}"; do
+    "${MOCK[@]}" --host 127.0.0.1 --port "${MOCK_PORTS[$i]}" --name "${MOCK_NAMES[$i]}" --token-rate 20 &
+    mock_pids+=("$!")
+done
+
+deadline=$((SECONDS + HEALTH_DEADLINE_SECONDS))
+for i in "${!MOCK_PORTS[@]}"; do
+    port=${MOCK_PORTS[$i]}
+    until curl -sf -o /dev/null "http://127.0.0.1:$port/health"; do
+        if ! kill -0 "${mock_pids[$i]}" 2>/dev/null; then
+            echo "demo: ${MOCK_NAMES[$i]} on :$port exited (port busy?)" >&2
+            exit 1
+        fi
+        if ((SECONDS >= deadline)); then
+            echo "demo: ${MOCK_NAMES[$i]} on :$port not healthy after ${HEALTH_DEADLINE_SECONDS}s" >&2
+            exit 1
+        fi
+        sleep 0.1
+    done
+done
+
+url="http://localhost:$GATEWAY_PORT"
+json="-H 'Content-Type: application/json'"
+cat <<EOF
+
+Mock backends up: ${MOCK_NAMES[0]} on :${MOCK_PORTS[0]}, ${MOCK_NAMES[1]} on :${MOCK_PORTS[1]}.
+Starting the NTONIX gateway on :$GATEWAY_PORT (Ctrl-C stops everything). Try, from another terminal:
+
+  # a chat completion (system_fingerprint says which backend answered)
+  curl -s $url/v1/chat/completions $json \\
+       -d '{"model":"mock-model","messages":[{"role":"user","content":"Hello, NTONIX!"}]}'
+
+  # the same, streamed token by token
+  curl -sN $url/v1/chat/completions $json \\
+       -d '{"model":"mock-model","messages":[{"role":"user","content":"Stream, please"}],"stream":true}'
+
+  # one request twice: the first is a cache MISS, the second a HIT
+  for i in 1 2; do curl -s -o /dev/null -D - $url/v1/chat/completions $json \\
+       -d '{"model":"mock-model","messages":[{"role":"user","content":"Cache me"}]}' | grep -i '^x-cache'; done
+
+  curl -s $url/health
+  curl -s $url/metrics
+  curl -s $url/cache/stats
+
+EOF
+
+backend_args=()
+for port in "${MOCK_PORTS[@]}"; do
+    backend_args+=(--backend "localhost:$port")
+done
+# Not `exec`: this shell stays to stop everything when the gateway ends or a signal comes. The gateway
+# runs as a job and is waited for, because `wait` (unlike a foreground command) lets the traps run at once.
+ntonix run --port "$GATEWAY_PORT" "${backend_args[@]}" &
+gateway_pid=$!
+status=0
+wait "$gateway_pid" || status=$?
+gateway_pid=""
+exit "$status"
