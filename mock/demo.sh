@@ -14,12 +14,7 @@ if ! command -v ntonix >/dev/null 2>&1; then
     echo "demo: 'ntonix' is not on PATH; run 'make demo' (it builds and installs the package)" >&2
     exit 1
 fi
-# `ntonix mock` once the CLI has the subcommand; the module itself until then.
-if ntonix mock --help >/dev/null 2>&1; then
-    MOCK=(ntonix mock)
-else
-    MOCK=(python -m ntonix.mock)
-fi
+MOCK=(ntonix mock)
 
 gateway_pid=""
 mock_pids=()

@@ -28,6 +28,7 @@ from ntonix.config import (
     settings_to_dict,
 )
 from ntonix.logs import setup_logging
+from ntonix.mock import mock_command
 
 __all__ = ["main"]
 
@@ -134,15 +135,4 @@ def _config_document(settings: Settings, origins: dict[str, str] | None) -> dict
     return data if origins is None else {"config": data, "sources": origins}
 
 
-def _add_mock() -> None:
-    # Guarded while ntonix/mock.py is being written; becomes a plain import once it lands.
-    try:
-        from ntonix.mock import mock_command
-    except ModuleNotFoundError as error:
-        if error.name != "ntonix.mock":
-            raise
-        return
-    main.add_command(mock_command, "mock")
-
-
-_add_mock()
+main.add_command(mock_command, "mock")
