@@ -1,9 +1,23 @@
 """Type stubs of the Rust extension `ntonix._core` (checked by mypy.stubtest)."""
 
 from collections.abc import Awaitable, Generator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, final
 
 _T = TypeVar("_T")
+
+__all__ = [
+    "Forwarder",
+    "NtonixError",
+    "Pending",
+    "ResponseCache",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeoutError",
+    "__version__",
+    "init_runtime",
+]
 
 __version__: str
 
@@ -15,6 +29,7 @@ class UpstreamProtocolError(UpstreamError): ...
 
 def init_runtime(threads: int) -> bool: ...
 
+@final
 class Forwarder:
     def __new__(
         cls,
@@ -39,11 +54,13 @@ class Forwarder:
     ) -> Pending[UpstreamResponse]: ...
     def probe(self, url: str, timeout: float) -> Pending[int]: ...
 
+@final
 class Pending(Generic[_T]):
     def __await__(self) -> Generator[Any, None, _T]: ...
     def cancel(self) -> bool: ...
     def done(self) -> bool: ...
 
+@final
 class UpstreamResponse:
     @property
     def status(self) -> int: ...
@@ -58,8 +75,6 @@ class UpstreamResponse:
     def close(self) -> None: ...
 
 # --- cache ---
-
-from typing import final  # noqa: E402  (kept inside the cache block; hoist when merging)
 
 @final
 class ResponseCache:
