@@ -152,6 +152,7 @@ impl Upstream {
             })
             .collect();
         Ok(Response {
+            first_byte_left: (start + wait).saturating_duration_since(Instant::now()),
             status: parts.status.as_u16(),
             headers,
             body: BodyReader {
@@ -193,6 +194,9 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Status line and headers of an upstream answer, and the reader of its body.
 pub struct Response {
+    /// What is left of the first-byte budget once the headers arrived: the first body chunk of a
+    /// stream (the first token) is still "first byte" for the client.
+    pub first_byte_left: Duration,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: BodyReader,
@@ -233,6 +237,11 @@ impl BodyReader {
 
     /// Next chunk of the body as the backend sent it, or `None` at the end.
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        self.next_chunk_within(self.idle, Phase::Idle).await
+    }
+
+    /// Next chunk, waiting at most `wait` of silence (reported as `phase` when it runs out).
+    pub async fn next_chunk_within(&mut self, wait: Duration, wait_phase: Phase) -> Result<Option<Bytes>> {
         loop {
             if self.abort.is_set() {
                 self.body = None;
@@ -245,10 +254,10 @@ impl BodyReader {
                 self.body = None;
                 return Err(self.timeout(Phase::Total));
             }
-            let (limit, phase) = if self.deadline - now < self.idle {
+            let (limit, phase) = if self.deadline - now < wait {
                 (self.deadline - now, Phase::Total)
             } else {
-                (self.idle, Phase::Idle)
+                (wait, wait_phase)
             };
             let abort = self.abort.clone();
             let frame = tokio::select! {
