@@ -241,7 +241,11 @@ impl BodyReader {
     }
 
     /// Next chunk, waiting at most `wait` of silence (reported as `phase` when it runs out).
-    pub async fn next_chunk_within(&mut self, wait: Duration, wait_phase: Phase) -> Result<Option<Bytes>> {
+    pub async fn next_chunk_within(
+        &mut self,
+        wait: Duration,
+        wait_phase: Phase,
+    ) -> Result<Option<Bytes>> {
         loop {
             if self.abort.is_set() {
                 self.body = None;

@@ -147,7 +147,10 @@ impl Forwarder {
                 Some(response.body.read_all().await?)
             } else {
                 let wait = response.first_byte_left.max(Duration::from_millis(1));
-                response.body.next_chunk_within(wait, Phase::FirstByte).await?
+                response
+                    .body
+                    .next_chunk_within(wait, Phase::FirstByte)
+                    .await?
             };
             Ok((response, body))
         };
