@@ -17,8 +17,9 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from granian.constants import HTTPModes, Interfaces, SSLProtocols
 from granian.server.embed import Server
@@ -67,6 +68,9 @@ def build_servers(app: App, settings: Settings) -> list[Server]:
         "interface": Interfaces.RSGI,
         "runtime_threads": settings.server.threads,
         "backlog": 2048,
+        # NOTE: Granian caps requests in flight at `backpressure` (default: the backlog); LLM streams
+        # stay open for minutes, so the cap is the open-files limit, not 2,048.
+        "backpressure": 65536,
         "log_enabled": False,
         "websockets": False,
     }
@@ -88,7 +92,7 @@ def build_servers(app: App, settings: Settings) -> list[Server]:
 
 
 async def _shutdown(
-    app: App, servers: list[Server], serving: list[asyncio.Future[None]], grace: float
+    app: App, servers: list[Server], serving: Sequence[asyncio.Future[Any]], grace: float
 ) -> None:
     """Stop accepting, let the requests in flight finish for up to `grace` seconds, cancel the rest.
 
@@ -99,7 +103,7 @@ async def _shutdown(
     (their clients see the answer cut short); Granian then finishes at once.
     """
     for server in servers:
-        server.stop()
+        server.stop()  # type: ignore[no-untyped-call]
     _, pending = await asyncio.wait(serving, timeout=grace)
     if not pending:
         return
