@@ -266,10 +266,14 @@ class Proxy:
                 log.warning(
                     "request %s: backend %s failed before answering: %s", ex.request_id, backend.key, err
                 )
-                last = err
+                # NOTE: the traceback would close a cycle (this frame -> pending -> its future -> err ->
+                # traceback -> this frame) that only the cyclic GC frees, and with its raised
+                # thresholds an outage piled up tens of MB of dead requests before a collection.
+                last = err.with_traceback(None)
                 continue
             except UpstreamTimeoutError as err:
                 self._backend_failed(backend, started)
+                err.with_traceback(None)  # same cycle as above
                 raise GatewayError(
                     504, "upstream_timeout", f"backend did not answer in time: {err}"
                 ) from None

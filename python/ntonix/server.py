@@ -158,7 +158,7 @@ async def main(settings: Settings, reload: Reload | None) -> None:
         # A listener failed (port in use...): stop the other one, the gateway must not half-run.
         for server, task in zip(servers, serving, strict=True):
             if not task.done():
-                server.stop()
+                server.stop()  # type: ignore[no-untyped-call]
     results = await asyncio.gather(*serving, return_exceptions=True)
     ports = (settings.server.port, settings.server.ssl_port)
     for port, result in zip(ports, results, strict=False):
