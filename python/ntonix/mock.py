@@ -285,7 +285,10 @@ class _DisconnectWatch:
             self._task.cancel()
 
     def close(self) -> None:
+        # Granian's awaitable keeps its done callback after a cancel and is invisible to the cyclic
+        # GC: drop the callback, or every stream's watch (and its task) would leak.
         self._task = None
+        self._future.remove_done_callback(self._on_disconnect)
         self._future.cancel()
 
 
