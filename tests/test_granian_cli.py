@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,7 @@ def test_granian_cli_with_env_configuration(httpserver: HTTPServer, tmp_path: Pa
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
+            start_new_session=True,  # granian forks workers: the whole group is killed below
         )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -51,5 +54,15 @@ def test_granian_cli_with_env_configuration(httpserver: HTTPServer, tmp_path: Pa
         metrics = httpx.get(url + "/metrics").json()
         assert metrics["backends"][0]["port"] == httpserver.port
     finally:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
+        assert wait_for(lambda: not _group_alive(proc.pid), 10, what="granian workers gone")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
