@@ -62,6 +62,30 @@ def cache_key(route: str, request: dict[str, Any]) -> int:
     return xxhash.xxh3_128_intdigest(_encode_sorted(request), seed)
 
 
+class KeyMemo:
+    """Remembers the cache key (and stream flag) of request bodies already seen, by their raw bytes.
+
+    NOTE: a cache hit would otherwise decode, validate and re-encode the body just to find a key it
+    computed before; an xxHash-128 of the raw bytes and one dict lookup replace all that. A body in
+    the memo was parsed and validated when first seen, so skipping that on later sightings is safe.
+    Bounded: when it holds `capacity` bodies it starts over (the next sighting re-parses).
+    """
+
+    __slots__ = ("capacity", "known")
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self.known: dict[int, tuple[int, bool]] = {}
+
+    def get(self, body: bytes) -> tuple[int, bool] | None:
+        return self.known.get(xxhash.xxh3_128_intdigest(body))
+
+    def put(self, body: bytes, key: int, stream: bool) -> None:
+        if len(self.known) >= self.capacity:
+            self.known.clear()
+        self.known[xxhash.xxh3_128_intdigest(body)] = (key, stream)
+
+
 def cache_directives(value: str | None) -> tuple[bool, bool]:
     """(no_cache, no_store) from a `Cache-Control` request header."""
     if not value:

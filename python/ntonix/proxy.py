@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ntonix import logs
-from ntonix.cache_policy import cache_directives, cache_key, parse_chat
+from ntonix.cache_policy import KeyMemo, cache_directives, cache_key, parse_chat
 from ntonix.errors import (
     GatewayError,
     UpstreamConnectError,
@@ -95,6 +95,7 @@ class Proxy:
         self.max_body = int(settings.proxy.max_body_size_mb * 1024 * 1024)
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
         self.slow = SlowRequestWatch()
+        self.keys = KeyMemo()
         self._id_prefix = os.urandom(6).hex() + "-"
         self._id_counter = 0
 
@@ -145,15 +146,28 @@ class Proxy:
 
     async def _pipeline(self, scope: Any, proto: Any, headers: Any, ex: Exchange) -> None:
         body = await self._request_filter(proto, headers)
-        request = parse_chat(body)
-        stream = request.get("stream") is True
+        cache = self.cache
         no_cache, no_store = cache_directives(headers.get("cache-control"))
         key: int | None = None
-        if self.cache is not None and not no_store and (not stream or self.cache_streams):
-            key = cache_key(CHAT_ROUTE, request)
+        known = self.keys.get(body) if cache is not None and not no_store else None
+        if known is not None:
+            key, stream = known  # validated when first seen
+        else:
+            request = parse_chat(body)
+            stream = request.get("stream") is True
+            if cache is not None and not no_store and (not stream or self.cache_streams):
+                key = cache_key(CHAT_ROUTE, request)
+                self.keys.put(body, key, stream)
+        if key is not None:
+            assert cache is not None
             ex.cache = "MISS"
-            if not no_cache and await self._cache_lookup(proto, key, stream, ex):
-                return
+            if not no_cache:
+                hit = cache.get(key)
+                if hit is not None:
+                    await self._serve_hit(proto, hit, stream, ex)
+                    return
+                if not stream and key in self.inflight and await self._join_leader(proto, key, ex):
+                    return
             self.metrics.cache_misses += 1
         if stream:
             await self._forward_stream(scope, proto, headers, body, key, ex)
@@ -170,8 +184,8 @@ class Proxy:
                 self._release_waiters(key, leader, exc)
             raise
         if key is not None and 200 <= answer.status < 300:
-            assert self.cache is not None
-            self.cache.put(key, answer.body, _content_type(answer.headers))
+            assert cache is not None
+            cache.put(key, answer.body, _content_type(answer.headers))
         if leader is not None:
             self.inflight.pop(key, None)  # type: ignore[arg-type]
             leader.set_result(answer)
@@ -179,7 +193,9 @@ class Proxy:
 
     async def _request_filter(self, proto: Any, headers: Any) -> bytes:
         content_type = headers.get("content-type")
-        if not content_type or content_type.split(";", 1)[0].strip().lower() != JSON:
+        if content_type != JSON and (
+            not content_type or content_type.split(";", 1)[0].strip().lower() != JSON
+        ):
             raise GatewayError(415, "unsupported_media_type", "Content-Type must be application/json")
         declared = headers.get("content-length")
         if declared is not None:
@@ -197,25 +213,21 @@ class Proxy:
                 raise GatewayError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
         return bytes(buffer)
 
-    async def _cache_lookup(self, proto: Any, key: int, stream: bool, ex: Exchange) -> bool:
-        """Answer from the cache or from an identical request in flight; False on a miss."""
-        assert self.cache is not None
-        hit = self.cache.get(key)
-        if hit is not None:
-            self.metrics.cache_hits += 1
-            body, content_type = hit
-            ex.cache = "HIT"
-            ex.status = 200
-            headers = [("content-type", content_type), ("x-request-id", ex.request_id), ("x-cache", "HIT")]
-            if stream:
-                await self._replay_stream(proto, headers, body, ex)
-            else:
-                ex.bytes_sent = len(body)
-                proto.response_bytes(200, headers, body)
-            return True
-        leader = None if stream else self.inflight.get(key)
-        if leader is None:
-            return False
+    async def _serve_hit(self, proto: Any, hit: tuple[bytes, str], stream: bool, ex: Exchange) -> None:
+        self.metrics.cache_hits += 1
+        body, content_type = hit
+        ex.cache = "HIT"
+        ex.status = 200
+        headers = [("content-type", content_type), ("x-request-id", ex.request_id), ("x-cache", "HIT")]
+        if stream:
+            await self._replay_stream(proto, headers, body, ex)
+        else:
+            ex.bytes_sent = len(body)
+            proto.response_bytes(200, headers, body)
+
+    async def _join_leader(self, proto: Any, key: int, ex: Exchange) -> bool:
+        """Answer with the identical request already in flight; False when it gave no answer."""
+        leader = self.inflight[key]
         self.metrics.coalesced += 1
         try:
             answer = await asyncio.shield(leader)
