@@ -146,7 +146,7 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ttfb_timeout_seconds: float = 120.0
     # Longest silence allowed between two chunks of a streamed answer.
     stream_idle_timeout_seconds: float = 60.0
-    # Upper bound on a whole non-streamed exchange.
+    # Upper bound on a whole exchange, streams included.
     request_timeout_seconds: float = 600.0
     # Extra attempts on other backends when connecting fails (never after a byte was sent).
     retries: int = 2
