@@ -63,6 +63,14 @@ impl Contender for Ntonix {
     }
 }
 
+/// The value the library contenders store: the same body and content type the gateway caches.
+fn cached(body: &Bytes) -> Arc<CachedResponse> {
+    Arc::new(CachedResponse {
+        body: body.clone(),
+        content_type: CT.into(),
+    })
+}
+
 struct Moka(moka::sync::Cache<u128, Arc<CachedResponse>>);
 
 impl Contender for Moka {
@@ -73,11 +81,7 @@ impl Contender for Moka {
         self.0.get(&key)
     }
     fn put(&self, key: u128, body: &Bytes) {
-        let value = CachedResponse {
-            body: body.clone(),
-            content_type: CT.into(),
-        };
-        self.0.insert(key, Arc::new(value));
+        self.0.insert(key, cached(body));
     }
     /// What moka really holds: `weighted_size()` only moves when pending work is applied, so
     /// sum the entries a reader can see instead.
@@ -108,11 +112,7 @@ impl Contender for Quick {
         self.0.get(&key)
     }
     fn put(&self, key: u128, body: &Bytes) {
-        let value = CachedResponse {
-            body: body.clone(),
-            content_type: CT.into(),
-        };
-        self.0.insert(key, Arc::new(value));
+        self.0.insert(key, cached(body));
     }
     fn weight(&self) -> u64 {
         self.0.weight()

@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Annotated, Any, Final, Protocol
+from typing import Annotated, Any, Final, Protocol, TypeVar
 
 import click
 import msgspec
@@ -158,45 +158,41 @@ class _Knobs:
         self.abort_clean = False
 
 
-def _header_number(headers: dict[str, str], name: str, minimum: float, maximum: float) -> float:
-    raw = headers[name]
-    try:
-        value = float(raw)
-    except ValueError:
-        raise _BadRequestError(f"header {name}: {raw!r} is not a number") from None
-    if not minimum <= value <= maximum:
-        raise _BadRequestError(f"header {name}: {raw!r} is out of range [{minimum:g}, {maximum:g}]")
-    return value
+_N = TypeVar("_N", int, float)
 
 
-def _header_int(headers: dict[str, str], name: str, minimum: int, maximum: int) -> int:
+def _header_value(
+    headers: dict[str, str], name: str, convert: Callable[[str], _N], minimum: _N, maximum: _N
+) -> _N:
     raw = headers[name]
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise _BadRequestError(f"header {name}: {raw!r} is not an integer") from None
+        kind = "an integer" if convert is int else "a number"
+        raise _BadRequestError(f"header {name}: {raw!r} is not {kind}") from None
     if not minimum <= value <= maximum:
-        raise _BadRequestError(f"header {name}: {raw!r} is out of range [{minimum}, {maximum}]")
+        low, high = (f"{minimum}", f"{maximum}") if convert is int else (f"{minimum:g}", f"{maximum:g}")
+        raise _BadRequestError(f"header {name}: {raw!r} is out of range [{low}, {high}]")
     return value
 
 
 def _parse_knobs(headers: dict[str, str], defaults: _Knobs) -> _Knobs:
     knobs = _Knobs(defaults.latency, defaults.interval, defaults.tokens)
     if "x-mock-latency-ms" in headers:
-        knobs.latency = _header_number(headers, "x-mock-latency-ms", 0, 86_400_000) / 1000.0
+        knobs.latency = _header_value(headers, "x-mock-latency-ms", float, 0.0, 86_400_000.0) / 1000.0
     if "x-mock-token-rate" in headers:
-        rate = _header_number(headers, "x-mock-token-rate", 0, 1e9)
+        rate = _header_value(headers, "x-mock-token-rate", float, 0.0, 1e9)
         knobs.interval = 1.0 / rate if rate > 0 else 0.0
     if "x-mock-tokens" in headers:
-        knobs.tokens = _header_int(headers, "x-mock-tokens", 0, 1_000_000)
+        knobs.tokens = _header_value(headers, "x-mock-tokens", int, 0, 1_000_000)
     if "x-mock-status" in headers:
-        knobs.status = _header_int(headers, "x-mock-status", 200, 599)
+        knobs.status = _header_value(headers, "x-mock-status", int, 200, 599)
         if 200 < knobs.status < 400:
             raise _BadRequestError("header x-mock-status: must be 200 (no-op) or 400-599")
     if "x-mock-hang" in headers:
         knobs.hang = headers["x-mock-hang"].strip().lower() not in ("", "0", "false", "no")
     if "x-mock-abort-after" in headers:
-        knobs.abort_after = _header_int(headers, "x-mock-abort-after", 0, 10_000_000)
+        knobs.abort_after = _header_value(headers, "x-mock-abort-after", int, 0, 10_000_000)
         knobs.abort_clean = headers.get("x-mock-abort-mode", "reset").strip().lower() == "clean"
     return knobs
 
