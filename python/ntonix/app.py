@@ -25,12 +25,13 @@ import msgspec
 
 from ntonix import __version__
 from ntonix._core import Forwarder, ResponseCache, init_runtime
-from ntonix.balancer import Backend, SmoothWeightedRoundRobin, build_backends
+from ntonix.balance.round_robin import SmoothWeightedRoundRobin
 from ntonix.config import BackendConfig, ConfigError, Settings, load_settings
 from ntonix.errors import error_body
-from ntonix.health import HealthChecker
-from ntonix.metrics import Metrics
-from ntonix.proxy import CHAT_ROUTE, Proxy
+from ntonix.observe.metrics import Metrics
+from ntonix.pipeline.proxy import CHAT_ROUTE, Proxy
+from ntonix.upstream.backend import Backend, build_backends
+from ntonix.upstream.health import HealthChecker
 
 log = logging.getLogger("ntonix")
 

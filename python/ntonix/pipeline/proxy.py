@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ntonix import logs
-from ntonix.cache_policy import KeyMemo, cache_directives, cache_key, parse_chat
+from ntonix.cache.policy import KeyMemo, cache_directives, cache_key, parse_chat
 from ntonix.errors import (
     GatewayError,
     UpstreamConnectError,
@@ -36,18 +36,19 @@ from ntonix.errors import (
     UpstreamTimeoutError,
     error_body,
 )
+from ntonix.pipeline.watch import SlowRequestWatch
 
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
-    from ntonix.balancer import Backend, SelectionPolicy
+    from ntonix.balance.base import SelectionPolicy
     from ntonix.config import Settings
-    from ntonix.metrics import Metrics
+    from ntonix.observe.metrics import Metrics
+    from ntonix.upstream.backend import Backend
 
 log = logging.getLogger("ntonix.proxy")
 
 CHAT_ROUTE = "/v1/chat/completions"
 JSON = "application/json"
-DISCONNECT_WATCH_DELAY = 0.05
 _pack = msgspec.msgpack.Encoder().encode
 _unpack = msgspec.msgpack.Decoder(list[bytes]).decode
 
@@ -390,77 +391,6 @@ class Proxy:
         for chunk in _unpack(stored):
             await transport.send_bytes(chunk)
             ex.bytes_sent += len(chunk)
-
-
-class _DisconnectWatch:
-    """Runs `on_disconnect` when the client goes away, once started."""
-
-    __slots__ = ("on_disconnect", "proto", "task")
-
-    def __init__(self, proto: Any, on_disconnect: Callable[[], object]) -> None:
-        self.proto = proto
-        self.on_disconnect = on_disconnect
-        self.task: asyncio.Future[Any] | None = None
-
-    def start(self) -> None:
-        self.task = asyncio.ensure_future(self.proto.client_disconnect())
-        self.task.add_done_callback(self._fired)
-
-    def _fired(self, task: asyncio.Future[Any]) -> None:
-        if not task.cancelled():
-            self.on_disconnect()
-
-    def stop(self) -> None:
-        # NOTE: Granian's awaitable keeps its done callback after a cancel and is invisible to the
-        # cyclic GC: awaitable -> self._fired -> self -> awaitable would leak every watch (with its
-        # proto and upstream response) for good. Drop the callback and our reference to break it.
-        task, self.task = self.task, None
-        if task is not None:
-            task.remove_done_callback(self._fired)
-            task.cancel()
-
-
-class SlowRequestWatch:
-    """Watches for client disconnects only on requests that are still waiting after a while.
-
-    NOTE: a disconnect watch costs a task per request; most answers come back in a millisecond, so a
-    single sweeper moves requests from `fresh` to `aging` every `period` and starts watches on those
-    that were already aging (waiting between one and two periods). Per request that is one dict
-    insert and one delete; slow generations still learn of a client that left within two periods.
-    """
-
-    def __init__(self, period: float = DISCONNECT_WATCH_DELAY) -> None:
-        self.period = period
-        self.fresh: dict[object, tuple[Any, Callable[[], object]]] = {}
-        self.aging: dict[object, tuple[Any, Callable[[], object]]] = {}
-        self.watching: dict[object, _DisconnectWatch] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, token: object, proto: Any, on_disconnect: Callable[[], object]) -> None:
-        self.fresh[token] = (proto, on_disconnect)
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._sweep())
-
-    def remove(self, token: object) -> None:
-        if self.fresh.pop(token, None) is None and self.aging.pop(token, None) is None:
-            watch = self.watching.pop(token, None)
-            if watch is not None:
-                watch.stop()
-
-    async def _sweep(self) -> None:
-        while True:
-            await asyncio.sleep(self.period)
-            for token, (proto, on_disconnect) in self.aging.items():
-                watch = _DisconnectWatch(proto, on_disconnect)
-                watch.start()
-                self.watching[token] = watch
-            self.aging = self.fresh
-            self.fresh = {}
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
 
 
 def _stream_error_event(err: Exception) -> bytes:

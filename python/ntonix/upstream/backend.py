@@ -1,22 +1,16 @@
-"""Backends and the smooth weighted round-robin policy that picks one per request.
+"""One upstream server: its identity, weight, live counters and availability.
 
-`Backend` holds one upstream's address, weight, counters and availability
-(active health plus circuit breaker, see `health.py`). `SmoothWeightedRoundRobin`
-is nginx's algorithm: each pick adds every candidate's weight to its running
-score, takes the highest and subtracts the total, so a weight-2 backend gets
-twice the picks of a weight-1 one, interleaved rather than in bursts. A policy is
-one verb, `select(exclude)`, so another policy is another small class.
+`Backend` holds what is true of the server (address, weight, requests, errors,
+in-flight, health flag, circuit breaker), not any policy's bookkeeping.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Iterable
 
 from ntonix.config import BackendConfig, CircuitBreakerConfig
-from ntonix.health import CircuitBreaker
-from ntonix.metrics import Histogram
+from ntonix.observe.histogram import Histogram
+from ntonix.upstream.breaker import CircuitBreaker
 
 
 class Backend:
@@ -71,36 +65,6 @@ class Backend:
         self.latency.observe(latency_ms)
         if failed:
             self.errors += 1
-
-
-class SelectionPolicy(Protocol):
-    """Picks the backend for the next attempt, never one in `exclude`."""
-
-    def select(self, exclude: Collection[Backend] = ()) -> Backend | None: ...
-
-
-class SmoothWeightedRoundRobin:
-    """nginx's smooth weighted round-robin over the available backends."""
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.backends: tuple[Backend, ...] = tuple(backends)
-
-    def select(self, exclude: Collection[Backend] = ()) -> Backend | None:
-        now = time.monotonic()
-        best: Backend | None = None
-        total = 0
-        for backend in self.backends:
-            if backend in exclude or not backend.available(now):
-                continue
-            backend.current_weight += backend.weight
-            total += backend.weight
-            if best is None or backend.current_weight > best.current_weight:
-                best = backend
-        if best is None:
-            return None
-        best.current_weight -= total
-        best.breaker.on_selected(now)
-        return best
 
 
 def build_backends(

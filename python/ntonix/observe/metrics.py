@@ -9,50 +9,14 @@ Prometheus text exposition format (version 0.0.4).
 
 from __future__ import annotations
 
-import bisect
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ntonix.observe.histogram import BUCKETS_MS, Histogram
+
 if TYPE_CHECKING:
-    from ntonix.balancer import Backend
-
-# Bucket bounds in milliseconds, from sub-millisecond proxying to minute-long generations.
-BUCKETS_MS: tuple[float, ...] = (
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    120000,
-)
-
-
-class Histogram:
-    """Cumulative-on-render histogram of millisecond values."""
-
-    __slots__ = ("count", "counts", "total")
-
-    def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS_MS) + 1)
-        self.count = 0
-        self.total = 0.0
-
-    def observe(self, value_ms: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
-        self.count += 1
-        self.total += value_ms
+    from ntonix.upstream.backend import Backend
 
 
 class Metrics:
