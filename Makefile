@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUST_SRC := $(shell find rust benches -name '*.rs' 2>/dev/null) Cargo.toml
 PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
+.PHONY: all venv build browser-deps test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
 
 all: build
 
@@ -37,7 +37,13 @@ test: build lint test-rust test-python
 test-rust: build
 	cargo test --quiet --all-targets
 
-test-python: build
+# Debian's Chromium and its driver for the dashboard's browser tests (tests/test_dashboard.py).
+browser-deps:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+test-python: build browser-deps
 	$(PY) -m pytest -q
 
 lint: lint-rust lint-python
