@@ -115,6 +115,8 @@ def test_config_reflects_file_env_and_cli(tmp_path: Path) -> None:
         "health_check",
         "circuit_breaker",
         "proxy",
+        "models",
+        "routing",
     }
 
 

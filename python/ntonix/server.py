@@ -130,7 +130,7 @@ async def main(settings: Settings, reload: Reload | None) -> None:
         except ConfigError as err:
             log.error("reload failed, keeping the old configuration: %s", err)
             return
-        app.update_backends(fresh.backends)
+        app.reload(fresh)
 
     loop.add_signal_handler(signal.SIGHUP, on_reload)
     loop.add_signal_handler(signal.SIGTERM, stopping.set)

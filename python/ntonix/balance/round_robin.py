@@ -1,39 +1,42 @@
-"""Smooth weighted round-robin (nginx's algorithm).
+"""Smooth weighted round-robin (nginx's algorithm), the default policy.
 
 Each pick adds every candidate's weight to its running score, takes the highest
 and subtracts the total, so a weight-2 backend gets twice the picks of a
-weight-1 one, interleaved rather than in bursts.
+weight-1 one, interleaved rather than in bursts. The running scores are this
+policy's own state (one instance per model pool), keyed by backend id.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ntonix.balance.base import PickContext
     from ntonix.upstream.backend import Backend
 
 
 class SmoothWeightedRoundRobin:
-    """nginx's smooth weighted round-robin over the available backends."""
+    """nginx's smooth weighted round-robin over the candidates."""
 
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        self.backends: tuple[Backend, ...] = tuple(backends)
+    name = "round_robin"
 
-    def select(self, exclude: Collection[Backend] = ()) -> Backend | None:
-        now = time.monotonic()
-        best: Backend | None = None
+    def __init__(self) -> None:
+        self.current: dict[int, int] = {}
+
+    def select(self, ctx: PickContext, candidates: Sequence[Backend]) -> Backend:
+        current = self.current
+        best = candidates[0]
+        best_score = None
         total = 0
-        for backend in self.backends:
-            if backend in exclude or not backend.available(now):
-                continue
-            backend.current_weight += backend.weight
+        for backend in candidates:
+            score = current.get(backend.id, 0) + backend.weight
+            current[backend.id] = score
             total += backend.weight
-            if best is None or backend.current_weight > best.current_weight:
-                best = backend
-        if best is None:
-            return None
-        best.current_weight -= total
-        best.breaker.on_selected(now)
+            if best_score is None or score > best_score:
+                best, best_score = backend, score
+        current[best.id] -= total
         return best
+
+    def on_complete(self, ctx: PickContext, backend: Backend, cached_tokens: int | None) -> None:
+        return None

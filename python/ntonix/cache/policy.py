@@ -1,16 +1,23 @@
 """What may be cached and under which key.
 
-The key is policy, so it lives here and not in Rust: an xxHash-128 of the
-request's canonical form (the parsed JSON re-encoded with sorted keys and no
-whitespace), seeded by the route, so key order and whitespace never matter
-while every field that changes the answer does (model, messages, temperature,
-max_tokens, tools, `stream`, …). Left out of the key, because they do not
-change what the model generates: `user` (an end-user id for abuse tracking),
-`metadata` and `store` (OpenAI's bookkeeping flags).
+The key is policy, so it lives here and not in Rust. It is built in two steps:
 
-Cacheable: chat requests whose client did not send `Cache-Control: no-store`;
-streaming requests only with `cache.streaming: true`. Only 2xx answers are
-stored. `no-cache` skips the lookup but the fresh answer refreshes the entry.
+1. the request's *digest*: an xxHash-128 of its canonical form (the parsed
+   JSON re-encoded with sorted keys and no whitespace, without `model`), so key
+   order and whitespace never matter while every field that changes the answer
+   does (messages, temperature, max_tokens, tools, `stream`, …). Left out, since
+   they do not change what the model generates: `user` (an end-user id for abuse
+   tracking), `metadata` and `store` (OpenAI's bookkeeping flags);
+2. the *key*: the digest hashed again, seeded by the scope it is valid in —
+   the route, the resolved model (an alias and its target share entries), and
+   the credential scope (a hash of the client's `Authorization` when that
+   header is forwarded to the backend, or of the gateway key with
+   `cache.scope: key`; never the value itself).
+
+Cacheable: routes whose spec says so, when the client did not send
+`Cache-Control: no-store`; streaming requests only with `cache.streaming`.
+Only 2xx answers are stored. `no-cache` skips the lookup but the fresh answer
+refreshes the entry.
 """
 
 from __future__ import annotations
@@ -20,70 +27,68 @@ from typing import Any
 import msgspec
 import xxhash
 
-from ntonix.errors import GatewayError
+EXCLUDED_FIELDS = frozenset({"user", "metadata", "store", "model"})
 
-EXCLUDED_FIELDS = frozenset({"user", "metadata", "store"})
-
-_decode = msgspec.json.Decoder().decode
 _encode_sorted = msgspec.json.Encoder(order="sorted").encode
+_seeds: dict[tuple[str, str | None, str], int] = {}
 _route_seeds: dict[str, int] = {}
 
 
-def parse_chat(body: bytes) -> dict[str, Any]:
-    """Decode and check a chat completion request; 400 when it is not one."""
-    try:
-        request = _decode(body)
-    except msgspec.DecodeError as exc:
-        raise GatewayError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise GatewayError(400, "invalid_request", "request body must be a JSON object")
-    messages = request.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise GatewayError(400, "invalid_request", "'messages' must be a non-empty array")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise GatewayError(400, "invalid_request", f"'messages[{index}]' must be an object with a 'role'")
-    model = request.get("model")
-    if model is not None and not isinstance(model, str):
-        raise GatewayError(400, "invalid_request", "'model' must be a string")
-    stream = request.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise GatewayError(400, "invalid_request", "'stream' must be a boolean")
-    return request
-
-
-def cache_key(route: str, request: dict[str, Any]) -> int:
-    """128-bit key of the request's semantic content on `route`."""
-    seed = _route_seeds.get(route)
-    if seed is None:
-        seed = _route_seeds[route] = xxhash.xxh64_intdigest(route.encode())
+def request_digest(request: dict[str, Any]) -> int:
+    """128-bit digest of the request's semantic content, model excluded (it goes into the scope)."""
     if not EXCLUDED_FIELDS.isdisjoint(request):
         request = {k: v for k, v in request.items() if k not in EXCLUDED_FIELDS}
-    return xxhash.xxh3_128_intdigest(_encode_sorted(request), seed)
+    return xxhash.xxh3_128_intdigest(_encode_sorted(request))
+
+
+def credential_scope(authorization: str | None) -> str:
+    """A short hash standing for a credential (never the credential itself); '' for none."""
+    if not authorization:
+        return ""
+    return xxhash.xxh3_64_hexdigest(authorization.encode("utf-8", "surrogateescape"))
+
+
+def cache_key(route: str, model: str | None, scope: str, digest: int) -> int:
+    """The cache key of `digest` on `route` for the resolved `model` within a credential `scope`."""
+    seed_key = (route, model, scope)
+    seed = _seeds.get(seed_key)
+    if seed is None:
+        if len(_seeds) > 65536:
+            _seeds.clear()
+        seed = _seeds[seed_key] = xxhash.xxh64_intdigest(f"{route}\0{model or ''}\0{scope}".encode())
+    return xxhash.xxh3_128_intdigest(digest.to_bytes(16, "little"), seed)
 
 
 class KeyMemo:
-    """Remembers the cache key (and stream flag) of request bodies already seen, by their raw bytes.
+    """Remembers what was learnt of request bodies already seen, by a hash of their raw bytes.
 
     NOTE: a cache hit would otherwise decode, validate and re-encode the body just to find a key it
     computed before; an xxHash-128 of the raw bytes and one dict lookup replace all that. A body in
-    the memo was parsed and validated when first seen, so skipping that on later sightings is safe.
-    Bounded: when it holds `capacity` bodies it starts over (the next sighting re-parses).
+    the memo was parsed and validated when first seen, so skipping that on later sightings is safe;
+    the memo keeps the facts routing needs too (model, stream, user), so a memo hit still routes by
+    model. Bounded: when it holds `capacity` bodies it starts over (the next sighting re-parses).
     """
 
     __slots__ = ("capacity", "known")
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
-        self.known: dict[int, tuple[int, bool]] = {}
+        self.known: dict[int, Any] = {}
 
-    def get(self, body: bytes) -> tuple[int, bool] | None:
-        return self.known.get(xxhash.xxh3_128_intdigest(body))
+    @staticmethod
+    def body_hash(route: str, body: bytes) -> int:
+        seed = _route_seeds.get(route)
+        if seed is None:
+            seed = _route_seeds[route] = xxhash.xxh64_intdigest(route.encode())
+        return xxhash.xxh3_128_intdigest(body, seed)
 
-    def put(self, body: bytes, key: int, stream: bool) -> None:
+    def get(self, body_hash: int) -> Any:
+        return self.known.get(body_hash)
+
+    def put(self, body_hash: int, value: Any) -> None:
         if len(self.known) >= self.capacity:
             self.known.clear()
-        self.known[xxhash.xxh3_128_intdigest(body)] = (key, stream)
+        self.known[body_hash] = value
 
 
 def cache_directives(value: str | None) -> tuple[bool, bool]:

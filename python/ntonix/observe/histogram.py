@@ -40,3 +40,23 @@ class Histogram:
         self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
         self.count += 1
         self.total += value_ms
+
+
+def percentiles(hist: Histogram, points: tuple[float, ...] = (0.5, 0.9, 0.99)) -> dict[str, float | None]:
+    """Approximate percentiles (upper bound of the bucket they fall in; None with no samples)."""
+    out: dict[str, float | None] = {}
+    for point in points:
+        name = f"p{round(point * 100)}"
+        if not hist.count:
+            out[name] = None
+            continue
+        rank = point * hist.count
+        running = 0
+        value = float(BUCKETS_MS[-1])
+        for bound, count in zip(BUCKETS_MS, hist.counts, strict=False):
+            running += count
+            if running >= rank:
+                value = float(bound)
+                break
+        out[name] = value
+    return out

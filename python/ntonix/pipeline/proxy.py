@@ -1,25 +1,28 @@
-"""The chat request pipeline, as named phases.
+"""The request pipeline of every proxied route, as named phases.
 
-`request_filter` (content type, size, JSON shape) → `cache_lookup` (hit,
-coalesce onto an identical request in flight, or miss) → `select` a backend →
-`forward` (retry on another backend while nothing was sent to the client) →
-`respond` (whole answer, or SSE chunks as they arrive) → `record` (cache fill,
-metrics, access log).
+`admit` (content type, size) → `parse` (route's validation, or the key memo) →
+`resolve` (model → pool; 404 for a model nobody serves) → `cache_lookup` (hit,
+join an identical request in flight, or miss) → `forward` (pick a backend in the
+pool, send; retry on another one while that is safe) → `respond` (whole answer,
+or SSE chunks as they arrive) → `record` (cache fill, metrics, access line).
 
-Retry safety, written down: only a failure before anything reached the client
-goes to another backend: connect refused, a reset before the status line, or a
-non-streamed answer cut short (it is read whole before the client sees a byte).
-Never the same backend twice, never once a byte reached the client. A timeout is not
-retried (the backend may still be generating; retrying would double the load).
-A client that leaves cancels the upstream request at once.
+Retry safety, written down: a request goes to another backend only when the
+first one failed before answering and the retry cannot repeat work: a failed
+connect (nothing was sent) always; a reset before the status line, or a
+non-streamed answer cut short, only on routes whose spec allows a retry after
+sending (chat, completions, embeddings: idempotent generation). `/v1/responses`
+and unknown routes are never retried once sent. Never the same backend twice,
+never once a byte reached the client. A timeout is not retried (the backend may
+still be generating; retrying would double the load). A client that leaves
+cancels the upstream request at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -27,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ntonix import logs
-from ntonix.cache.policy import KeyMemo, cache_directives, cache_key, parse_chat
+from ntonix.cache.policy import KeyMemo, cache_directives, cache_key, credential_scope, request_digest
+from ntonix.cache.value import JSON, decode_meta, encode_meta, header_value, pack_chunks, unpack_chunks
 from ntonix.errors import (
     GatewayError,
     UpstreamConnectError,
@@ -36,21 +40,25 @@ from ntonix.errors import (
     UpstreamTimeoutError,
     error_body,
 )
+from ntonix.pipeline.exchange import Exchange, client_request_id
+from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
 
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
-    from ntonix.balance.base import SelectionPolicy
     from ntonix.config import Settings
     from ntonix.observe.metrics import Metrics
+    from ntonix.routes.spec import RouteSpec
     from ntonix.upstream.backend import Backend
+    from ntonix.upstream.pool import BackendPool, Lease
+    from ntonix.upstream.registry import ModelRegistry
 
 log = logging.getLogger("ntonix.proxy")
 
-CHAT_ROUTE = "/v1/chat/completions"
-JSON = "application/json"
-_pack = msgspec.msgpack.Encoder().encode
-_unpack = msgspec.msgpack.Decoder(list[bytes]).decode
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+# Request headers never sent upstream as they are: the gateway sets its own.
+_REPLACED = frozenset({"x-request-id", "host", "authorization", "accept-encoding"})
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -61,23 +69,8 @@ class Answer(msgspec.Struct, frozen=True):
     body: bytes
 
 
-class Exchange:
-    """Per-request context carried through the phases (pingora's CTX)."""
-
-    __slots__ = ("backend", "bytes_sent", "cache", "request_id", "started", "status", "ttfb_ms")
-
-    def __init__(self, request_id: str, started: float) -> None:
-        self.request_id = request_id
-        self.started = started
-        self.backend = "-"
-        self.cache = "-"
-        self.status = 500
-        self.bytes_sent = 0
-        self.ttfb_ms: float | None = None
-
-
 class Proxy:
-    """Answers `POST /v1/chat/completions` for one gateway process."""
+    """Answers the proxied `/v1/...` routes for one gateway process."""
 
     def __init__(
         self,
@@ -85,32 +78,29 @@ class Proxy:
         forwarder: Forwarder,
         cache: ResponseCache | None,
         metrics: Metrics,
-        policy: Callable[[], SelectionPolicy],
+        registry: Callable[[], ModelRegistry],
     ) -> None:
         self.forwarder = forwarder
         self.cache = cache
         self.cache_streams = settings.cache.streaming
         self.metrics = metrics
-        self.policy = policy
+        self.registry = registry
         self.retries = settings.proxy.retries
         self.max_body = int(settings.proxy.max_body_size_mb * 1024 * 1024)
+        self.session_header = settings.routing.session_header.lower()
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
         self.slow = SlowRequestWatch()
         self.keys = KeyMemo()
-        self._id_prefix = os.urandom(6).hex() + "-"
-        self._id_counter = 0
 
-    def new_request_id(self) -> str:
-        self._id_counter += 1
-        return f"{self._id_prefix}{self._id_counter:x}"
-
-    async def handle(self, scope: Any, proto: Any) -> None:
-        """Run the whole pipeline for one request; never raises to Granian."""
+    async def handle(self, route: RouteSpec, scope: Any, proto: Any) -> None:
+        """Run the whole pipeline for one request; never raises to Granian (but a cancel)."""
         metrics = self.metrics
         metrics.requests_total += 1
         metrics.requests_active += 1
         headers = scope.headers
-        ex = Exchange(headers.get("x-request-id") or self.new_request_id(), time.perf_counter())
+        ex = Exchange(client_request_id(headers.get("x-request-id")), time.perf_counter(), route)
+        if route.validate is None:  # an unknown route goes upstream as the client named it
+            ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
@@ -123,79 +113,77 @@ class Proxy:
             log.exception("request %s failed inside the gateway", ex.request_id)
             self._error(proto, ex, GatewayError(500, "internal_error", "internal gateway error"))
         finally:
-            latency_ms = (time.perf_counter() - ex.started) * 1000.0
-            metrics.finish(ex.status, latency_ms)
-            logs.log_access(
-                ex.request_id,
-                scope.method,
-                scope.path,
-                ex.backend,
-                ex.status,
-                ex.cache,
-                ex.bytes_sent,
-                latency_ms,
-                ex.ttfb_ms,
-            )
+            self._record(scope, ex)
 
     def _error(self, proto: Any, ex: Exchange, err: GatewayError) -> None:
         body = err.body()
         ex.status = err.status
         ex.bytes_sent = len(body)
-        proto.response_bytes(err.status, [("content-type", JSON), ("x-request-id", ex.request_id)], body)
+        ex.client_error = err.status < 500 and err.status != 499
+        headers = [("content-type", JSON), ("x-request-id", ex.request_id), *err.headers]
+        proto.response_bytes(err.status, headers, body)
 
     # -- phases -----------------------------------------------------------------------------
 
     async def _pipeline(self, scope: Any, proto: Any, headers: Any, ex: Exchange) -> None:
-        body = await self._request_filter(proto, headers)
-        cache = self.cache
+        route = ex.route
+        body = ex.body = await self._admit(proto, headers, route)
         no_cache, no_store = cache_directives(headers.get("cache-control"))
+        cacheable = route.cacheable and self.cache is not None and not no_store
+        digest = self._parse(ex, body, cacheable)
+        facts = ex.facts
+        assert facts is not None
+        model, pool = self._resolve(ex)
+        if self.session_header:
+            ex.session_header = headers.get(self.session_header)
         key: int | None = None
-        known = self.keys.get(body) if cache is not None and not no_store else None
-        if known is not None:
-            key, stream = known  # validated when first seen
-        else:
-            request = parse_chat(body)
-            stream = request.get("stream") is True
-            if cache is not None and not no_store and (not stream or self.cache_streams):
-                key = cache_key(CHAT_ROUTE, request)
-                self.keys.put(body, key, stream)
+        if digest is not None and (not facts.stream or self.cache_streams):
+            key = cache_key(route.name, model, self._scope(headers, pool), digest)
+        cache = self.cache
         if key is not None:
             assert cache is not None
             ex.cache = "MISS"
             if not no_cache:
                 hit = cache.get(key)
                 if hit is not None:
-                    await self._serve_hit(proto, hit, stream, ex)
+                    await self._serve_hit(proto, headers, hit, facts.stream, ex)
                     return
-                if not stream and key in self.inflight and await self._join_leader(proto, key, ex):
+                if not facts.stream and key in self.inflight and await self._join_leader(proto, key, ex):
                     return
-            self.metrics.cache_misses += 1
-        if stream:
-            await self._forward_stream(scope, proto, headers, body, key, ex)
+            log.debug("request %s: cache %s", ex.request_id, "refresh (no-cache)" if no_cache else "miss")
+        if facts.stream:
+            await self._forward_stream(proto, headers, pool, key, ex)
             return
         leader: asyncio.Future[Answer] | None = None
         if key is not None and not no_cache:
             leader = asyncio.get_running_loop().create_future()
             self.inflight[key] = leader
         try:
-            _, response = await self._select_and_send(proto, headers, body, ex, buffer=True)
-            answer = Answer(response.status, response.headers, response.body or b"")
+            lease, response = await self._forward(
+                proto, headers, pool, ex, buffer=True, cacheable=key is not None
+            )
+            pool.release(ex, lease, self._note_usage(ex, usage_of_body(response)))
+            answer = Answer(response.status, _answer_headers(response.headers), response.body or b"")
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
             raise
         if key is not None and 200 <= answer.status < 300:
             assert cache is not None
-            cache.put(key, answer.body, _content_type(answer.headers))
+            cache.put(key, answer.body, encode_meta(answer.headers))
         if leader is not None:
-            self.inflight.pop(key, None)  # type: ignore[arg-type]
+            if self.inflight.get(key) is leader:  # type: ignore[arg-type]
+                del self.inflight[key]  # type: ignore[arg-type]
             leader.set_result(answer)
         self._respond_whole(proto, answer, ex)
 
-    async def _request_filter(self, proto: Any, headers: Any) -> bytes:
+    async def _admit(self, proto: Any, headers: Any, route: RouteSpec) -> bytes:
+        """415 for a body that is not JSON (on JSON routes), 413 for one over the limit; the body."""
         content_type = headers.get("content-type")
-        if content_type != JSON and (
-            not content_type or content_type.split(";", 1)[0].strip().lower() != JSON
+        if (
+            route.json_only
+            and content_type != JSON
+            and (not content_type or content_type.split(";", 1)[0].strip().lower() != JSON)
         ):
             raise GatewayError(415, "unsupported_media_type", "Content-Type must be application/json")
         declared = headers.get("content-length")
@@ -214,17 +202,65 @@ class Proxy:
                 raise GatewayError(413, "request_too_large", f"request body exceeds {self.max_body} bytes")
         return bytes(buffer)
 
-    async def _serve_hit(self, proto: Any, hit: tuple[bytes, str], stream: bool, ex: Exchange) -> None:
-        self.metrics.cache_hits += 1
-        body, content_type = hit
+    def _parse(self, ex: Exchange, body: bytes, cacheable: bool) -> int | None:
+        """Fill `ex.facts` (and `ex.request` when decoded); answers the request's digest when cacheable."""
+        route = ex.route
+        if not cacheable:
+            ex.request, ex.facts = route.parse(body)
+            return None
+        memo = self.keys
+        body_hash = memo.body_hash(route.path, body)
+        known = memo.get(body_hash)
+        if known is not None:
+            digest, ex.facts = known  # validated when first seen
+            return int(digest)
+        request, facts = route.parse(body)
+        assert request is not None  # cacheable routes validate JSON objects
+        ex.request, ex.facts = request, facts
+        digest = request_digest(request)
+        memo.put(body_hash, (digest, facts))
+        return digest
+
+    def _resolve(self, ex: Exchange) -> tuple[str | None, BackendPool]:
+        """Model → pool; rewrites the body's `model` when the client named an alias."""
+        facts = ex.facts
+        assert facts is not None
+        model, pool = self.registry().resolve(facts.model)
+        ex.model = model
+        if model != facts.model:
+            request = ex.request if ex.request is not None else _decode(ex.body)
+            request["model"] = model
+            ex.request = request
+            ex.body = _encode(request)
+            log.debug("request %s: alias %s -> %s", ex.request_id, facts.model, model)
+        return model, pool
+
+    def _scope(self, headers: Any, pool: BackendPool) -> str:
+        """The credential scope of cached answers: the client's Authorization when it reaches a backend."""
+        authorization = headers.get("authorization")
+        if not authorization or all(b.api_key is not None for b in pool.backends):
+            return ""
+        return credential_scope(authorization)
+
+    async def _serve_hit(
+        self, proto: Any, headers: Any, hit: tuple[bytes, str], stream: bool, ex: Exchange
+    ) -> None:
+        self.metrics.model(ex.route.name, ex.model).cache_hits += 1
+        body, meta = hit
         ex.cache = "HIT"
         ex.status = 200
-        headers = [("content-type", content_type), ("x-request-id", ex.request_id), ("x-cache", "HIT")]
+        out = decode_meta(meta)
+        if len(out) > 1 and not _accepts(headers.get("accept-encoding"), out[1][1]):
+            # stored as the backend compressed it; this client cannot decode that
+            with contextlib.suppress(OSError, EOFError):
+                body = gzip.decompress(body) if out[1][1].lower() == "gzip" else body
+                out = out[:1]
+        out += [("x-request-id", ex.request_id), ("x-cache", "HIT")]
         if stream:
-            await self._replay_stream(proto, headers, body, ex)
+            await self._replay_stream(proto, out, body, ex)
         else:
             ex.bytes_sent = len(body)
-            proto.response_bytes(200, headers, body)
+            proto.response_bytes(200, out, body)
 
     async def _join_leader(self, proto: Any, key: int, ex: Exchange) -> bool:
         """Answer with the identical request already in flight; False when it gave no answer."""
@@ -250,66 +286,111 @@ class Proxy:
         else:
             leader.cancel()
 
-    async def _select_and_send(
-        self, proto: Any, headers: Any, body: bytes, ex: Exchange, buffer: bool
-    ) -> tuple[Backend, UpstreamResponse]:
-        """Pick backends and send until one answers; retries only what is safe to retry."""
-        forward_headers = headers.items()
-        if "x-request-id" not in headers:
-            forward_headers.append(("x-request-id", ex.request_id))
-        policy = self.policy()
+    def _upstream_headers(self, headers: Any, ex: Exchange, cacheable: bool) -> list[tuple[str, str]]:
+        """The client's headers as sent upstream, less those the gateway replaces per backend."""
+        out = [(name, value) for name, value in headers.items() if name not in _REPLACED]
+        out.append(("x-request-id", ex.request_id))
+        encoding = headers.get("accept-encoding")
+        if cacheable:
+            # NOTE: a stored answer must decode for every client that hits it: ask for identity.
+            out.append(("accept-encoding", "identity"))
+        elif encoding is not None:
+            out.append(("accept-encoding", encoding))
+        return out
+
+    async def _forward(
+        self, proto: Any, headers: Any, pool: BackendPool, ex: Exchange, buffer: bool, cacheable: bool
+    ) -> tuple[Lease, UpstreamResponse]:
+        """Pick backends and send until one answers; retries only what is safe to retry (see above)."""
+        base = self._upstream_headers(headers, ex, cacheable)
+        authorization = headers.get("authorization")
+        route = ex.route
+        path = ex.path
         tried: list[Backend] = []
         last: UpstreamError | None = None
         for attempt in range(self.retries + 1):
-            backend = policy.select(tried)
-            if backend is None:
+            lease = pool.pick(ex, tried)
+            if lease is None:
                 break
+            backend = lease.backend
             if attempt:
                 self.metrics.retries += 1
+                log.debug("request %s: retry %d on %s", ex.request_id, attempt, backend.key)
             tried.append(backend)
             ex.backend = backend.key
             started = time.perf_counter()
-            backend.in_flight += 1
-            pending = self.forwarder.request("POST", backend.chat_url, forward_headers, body, buffer)
+            send = base
+            if backend.api_key is not None:
+                send = [*base, ("authorization", f"Bearer {backend.api_key}")]
+            elif authorization is not None:
+                send = [*base, ("authorization", authorization)]
+            pending = self.forwarder.request("POST", backend.url + path, send, ex.body, buffer)
             self.slow.add(pending, proto, pending.cancel)
             try:
                 response = await pending
-            except (UpstreamConnectError, UpstreamProtocolError) as err:
-                self._backend_failed(backend, started)
-                log.warning(
-                    "request %s: backend %s failed before answering: %s", ex.request_id, backend.key, err
-                )
-                # NOTE: the traceback would close a cycle (this frame -> pending -> its future -> err ->
-                # traceback -> this frame) that only the cyclic GC frees, and with its raised
-                # thresholds an outage piled up tens of MB of dead requests before a collection.
+            except UpstreamConnectError as err:
+                self._failed_attempt(pool, ex, lease, started, err)
                 last = err.with_traceback(None)
                 continue
+            except UpstreamProtocolError as err:
+                self._failed_attempt(pool, ex, lease, started, err)
+                last = err.with_traceback(None)
+                if route.retry_after_send:
+                    continue
+                break
             except UpstreamTimeoutError as err:
-                self._backend_failed(backend, started)
-                err.with_traceback(None)  # same cycle as above
+                self._backend_failed(backend, lease, started)
+                pool.release(ex, lease)
+                err.with_traceback(None)  # same cycle as in _failed_attempt
                 raise GatewayError(
                     504, "upstream_timeout", f"backend did not answer in time: {err}"
                 ) from None
             except BaseException:
-                backend.breaker.on_release()
+                backend.breaker.on_release(lease.probe)
+                pool.release(ex, lease)
                 raise
             finally:
                 self.slow.remove(pending)
-                backend.in_flight -= 1
             if response.status >= 500:
-                self._backend_failed(backend, started)
+                self._backend_failed(backend, lease, started)
             else:
-                backend.breaker.on_success()
+                backend.breaker.on_success(lease.probe)
+                backend.last_progress = time.monotonic()
                 backend.record((time.perf_counter() - started) * 1000.0, failed=False)
-            return backend, response
+            return lease, response
         if isinstance(last, UpstreamProtocolError):
             raise GatewayError(502, "bad_gateway", f"backend failed: {last}")
-        raise GatewayError(503, "no_healthy_backend", "no healthy backend is available")
+        if pool.model is not None and not pool.backends:
+            raise GatewayError(404, "model_not_found", f"no backend serves the model '{pool.model}'")
+        model = f" for model '{pool.model}'" if pool.model is not None else ""
+        raise GatewayError(503, "no_healthy_backend", f"no healthy backend is available{model}")
 
-    def _backend_failed(self, backend: Backend, started: float) -> None:
+    def _failed_attempt(
+        self, pool: BackendPool, ex: Exchange, lease: Lease, started: float, err: UpstreamError
+    ) -> None:
+        self._backend_failed(lease.backend, lease, started)
+        pool.release(ex, lease)
+        log.warning(
+            "request %s: backend %s failed before answering: %s", ex.request_id, lease.backend.key, err
+        )
+        # NOTE: the traceback would close a cycle (this frame -> pending -> its future -> err ->
+        # traceback -> this frame) that only the cyclic GC frees; the caller drops it.
+
+    def _backend_failed(self, backend: Backend, lease: Lease, started: float) -> None:
         backend.record((time.perf_counter() - started) * 1000.0, failed=True)
-        if backend.breaker.on_failure(time.monotonic()):
+        if backend.breaker.on_failure(time.monotonic(), lease.probe):
             log.warning("circuit opened for backend %s", backend.key)
+
+    def _note_usage(self, ex: Exchange, usage: Usage | None) -> int | None:
+        """Count the answer's tokens for its model; answers the cached prompt tokens it reported."""
+        if usage is None:
+            return None
+        stats = self.metrics.model(ex.route.name, ex.model)
+        stats.prompt_tokens += usage.prompt
+        stats.completion_tokens += usage.completion
+        if usage.cached is not None:
+            stats.cached_tokens += usage.cached
+        return usage.cached
 
     def _respond_whole(self, proto: Any, answer: Answer, ex: Exchange) -> None:
         headers = [*answer.headers, ("x-request-id", ex.request_id)]
@@ -320,17 +401,19 @@ class Proxy:
         proto.response_bytes(answer.status, headers, answer.body)
 
     async def _forward_stream(
-        self, scope: Any, proto: Any, headers: Any, body: bytes, key: int | None, ex: Exchange
+        self, proto: Any, headers: Any, pool: BackendPool, key: int | None, ex: Exchange
     ) -> None:
-        backend, response = await self._select_and_send(proto, headers, body, ex, buffer=False)
-        out = [*response.headers, ("x-request-id", ex.request_id)]
+        lease, response = await self._forward(
+            proto, headers, pool, ex, buffer=False, cacheable=key is not None
+        )
+        backend = lease.backend
+        out = [*_answer_headers(response.headers), ("x-request-id", ex.request_id)]
         if ex.cache != "-":
             out.append(("x-cache", ex.cache))
         ex.status = response.status
         transport = proto.response_stream(response.status, out)
         metrics = self.metrics
         metrics.streams_active += 1
-        backend.in_flight += 1
         left = False
 
         def client_left() -> None:
@@ -342,12 +425,15 @@ class Proxy:
         # the sweeper starts it one or two periods later, by when the first token is usually out.
         self.slow.add(response, proto, client_left)
         record: list[bytes] | None = [] if key is not None and 200 <= response.status < 300 else None
-        complete = False
-        chunk = response.body  # the first chunk came with the headers
-        if chunk is not None:
-            ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
-            metrics.ttft.observe(ex.ttfb_ms)
+        usage_chunk: bytes | None = None
+        done = False  # the backend sent `data: [DONE]`: whatever happens next, the stream is complete
+        chunk = response.body  # the first chunk when it came with the headers
         try:
+            if chunk is None:
+                chunk = await response.next_chunk()
+            if chunk is not None:
+                ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
+                metrics.ttft.observe(ex.ttfb_ms)
             while chunk is not None:
                 try:
                     await transport.send_bytes(chunk)
@@ -356,55 +442,98 @@ class Proxy:
                     response.close()
                     break
                 ex.bytes_sent += len(chunk)
+                backend.last_progress = time.monotonic()
                 if record is not None:
                     record.append(chunk)
+                if b'"usage"' in chunk:
+                    usage_chunk = chunk
+                if chunk.rstrip().endswith(b"[DONE]"):
+                    done = True
                 try:
                     chunk = await response.next_chunk()
                 except UpstreamError as err:
+                    if done:
+                        log.debug("request %s: %s closed after [DONE]: %s", ex.request_id, backend.key, err)
+                        break
                     metrics.stream_errors += 1
-                    self._backend_failed(backend, ex.started)
+                    backend.errors += 1  # the request itself was counted when its headers came
+                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
+                        log.warning("circuit opened for backend %s", backend.key)
                     log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
-                    if not left and _content_type(response.headers).startswith("text/event-stream"):
+                    if not left and (header_value(response.headers, "content-type") or "").startswith(
+                        "text/event-stream"
+                    ):
                         # the status line is gone: an in-band OpenAI error event tells the client the
                         # stream broke (the openai SDK raises APIError) instead of a quiet, truncated end
                         with contextlib.suppress(Exception):
                             await transport.send_bytes(_stream_error_event(err))
+                    record = None
                     break
-            else:
-                complete = not left
         finally:
             self.slow.remove(response)
             metrics.streams_active -= 1
-            backend.in_flight -= 1
+            cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
+            pool.release(ex, lease, cached)
             if left:
                 metrics.client_disconnects += 1
                 ex.status = 499
         # Only a stream that ended cleanly with [DONE] is worth replaying.
-        clean = complete and bool(record) and record is not None and _ends_stream(record[-1])
-        if clean and record is not None and key is not None and self.cache is not None:
-            self.cache.put(key, _pack(record), _content_type(response.headers))
+        if record and not left and done and key is not None and self.cache is not None:
+            self.cache.put(key, pack_chunks(record), encode_meta(response.headers))
 
     async def _replay_stream(
         self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange
     ) -> None:
         transport = proto.response_stream(200, headers)
-        for chunk in _unpack(stored):
-            await transport.send_bytes(chunk)
+        for chunk in unpack_chunks(stored):
+            try:
+                await transport.send_bytes(chunk)
+            except Exception:  # the client left during the replay: nothing more to do
+                self.metrics.client_disconnects += 1
+                ex.status = 499
+                return
             ex.bytes_sent += len(chunk)
+
+    # -- record -----------------------------------------------------------------------------
+
+    def _record(self, scope: Any, ex: Exchange) -> None:
+        latency_ms = (time.perf_counter() - ex.started) * 1000.0
+        self.metrics.finish(ex.status, latency_ms, ex.client_error)
+        stats = self.metrics.model(ex.route.name, ex.model)
+        stats.requests += 1
+        if ex.status >= 400:
+            stats.errors += 1
+        logs.log_access(
+            ex.request_id,
+            scope.method,
+            scope.path,
+            ex.backend,
+            ex.status,
+            ex.cache,
+            ex.bytes_sent,
+            latency_ms,
+            ex.ttfb_ms,
+            ex.model,
+        )
+
+
+def _answer_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The backend's headers as the client gets them: its own request id replaced by ours."""
+    return [(name, value) for name, value in headers if name != "x-request-id"]
+
+
+def _accepts(accept_encoding: str | None, encoding: str) -> bool:
+    if not accept_encoding:
+        return False
+    wanted = encoding.lower()
+    for part in accept_encoding.lower().split(","):
+        name, _, params = part.strip().partition(";")
+        if name.strip() in (wanted, "*") and params.replace(" ", "") not in ("q=0", "q=0.0"):
+            return True
+    return False
 
 
 def _stream_error_event(err: Exception) -> bytes:
     """An SSE event carrying an OpenAI error; the leading blank line ends any event cut in half."""
     body = error_body(502, f"backend failed mid-stream: {err}", "upstream_stream_broken")
     return b"\n\ndata: " + body + b"\n\n"
-
-
-def _ends_stream(chunk: bytes) -> bool:
-    return chunk.rstrip().endswith(b"[DONE]")
-
-
-def _content_type(headers: list[tuple[str, str]]) -> str:
-    for name, value in headers:
-        if name == "content-type":
-            return value
-    return JSON

@@ -1,49 +1,70 @@
 """One upstream server: its identity, weight, live counters and availability.
 
-`Backend` holds what is true of the server (address, weight, requests, errors,
-in-flight, health flag, circuit breaker), not any policy's bookkeeping.
+`Backend` holds what is true of the server (address, base URL, weight, the
+models it serves, requests, errors, in-flight, health flag, circuit breaker),
+not any policy's bookkeeping: a policy keeps its own state keyed by `Backend.id`.
+A backend serving several models is one `Backend` (one pool of connections,
+one health state, one breaker) however many model pools list it.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
-from ntonix.config import BackendConfig, CircuitBreakerConfig
+from ntonix.config import BackendConfig, CircuitBreakerConfig, parse_url
 from ntonix.observe.histogram import Histogram
 from ntonix.upstream.breaker import CircuitBreaker
+
+_ids = itertools.count(1)
+
+
+def backend_key(config: BackendConfig) -> str:
+    """The identity of a configured backend: `host:port`, or its URL without a trailing slash."""
+    if config.url is not None:
+        return config.url.strip().rstrip("/")
+    return f"{config.host}:{config.port}"
 
 
 class Backend:
     """One upstream server with its live state and counters."""
 
     __slots__ = (
+        "api_key",
         "breaker",
-        "chat_url",
+        "configured_models",
         "consecutive_check_failures",
         "consecutive_check_successes",
-        "current_weight",
+        "discovered_models",
         "errors",
+        "health_path",
         "healthy",
         "host",
+        "id",
         "in_flight",
         "key",
+        "last_progress",
         "latency",
         "latency_total_ms",
         "port",
         "requests",
+        "scheme",
         "url",
         "weight",
     )
 
     def __init__(self, config: BackendConfig, breaker: CircuitBreakerConfig) -> None:
-        self.host = config.host
-        self.port = config.port
-        self.weight = config.weight
-        self.key = f"{config.host}:{config.port}"
-        authority = f"[{config.host}]:{config.port}" if ":" in config.host else self.key
-        self.url = f"http://{authority}"
-        self.chat_url = f"{self.url}/v1/chat/completions"
-        self.current_weight = 0
+        self.id = next(_ids)
+        self.key = backend_key(config)
+        if config.url is not None:
+            parts = parse_url(config.url)
+            self.scheme, self.host, self.port, prefix = parts
+        else:
+            assert config.host is not None and config.port is not None  # validated by config
+            self.scheme, self.host, self.port, prefix = "http", config.host, config.port, ""
+        authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        # Base URL every upstream path is appended to (a path prefix such as /openai is kept).
+        self.url = f"{self.scheme}://{authority}{prefix}"
         self.requests = 0
         self.errors = 0
         self.in_flight = 0
@@ -53,6 +74,26 @@ class Backend:
         self.consecutive_check_successes = 0
         self.breaker = CircuitBreaker(breaker.failure_threshold, breaker.open_seconds)
         self.latency = Histogram()
+        # Monotonic time of the last sign of life on real traffic (an answer, a stream chunk).
+        self.last_progress = 0.0
+        self.discovered_models: frozenset[str] | None = None
+        self.configure(config)
+
+    def configure(self, config: BackendConfig) -> None:
+        """Apply the parts of a (re)loaded configuration that may change in place."""
+        self.weight = config.weight
+        self.configured_models = None if config.models is None else frozenset(config.models)
+        self.api_key = config.api_key
+        self.health_path = config.health_path
+
+    @property
+    def models(self) -> frozenset[str] | None:
+        """The models it serves: configured, else discovered; None while unknown (eligible for any)."""
+        return self.configured_models if self.configured_models is not None else self.discovered_models
+
+    def serves(self, model: str) -> bool:
+        models = self.models
+        return models is None or model in models
 
     def available(self, now: float) -> bool:
         """Whether the backend may take a request now (healthy and its circuit lets it through)."""
@@ -76,11 +117,10 @@ def build_backends(
     known = {backend.key: backend for backend in previous}
     result: list[Backend] = []
     for config in configs:
-        backend = known.get(f"{config.host}:{config.port}")
+        backend = known.pop(backend_key(config), None)
         if backend is None:
             backend = Backend(config, breaker)
         else:
-            backend.weight = config.weight
-            backend.current_weight = 0
+            backend.configure(config)
         result.append(backend)
     return result

@@ -38,25 +38,35 @@ class CircuitBreaker:
             return now - self.opened_at >= self.open_seconds
         return not self.probe_in_flight
 
-    def on_selected(self, now: float) -> None:
-        """A request was just sent through: in half-open state it is the one probe."""
+    def on_selected(self, now: float) -> bool:
+        """A request was just sent through; True when it is the one half-open probe."""
         if self.state == OPEN and now - self.opened_at >= self.open_seconds:
             self.state = HALF_OPEN
-        if self.state == HALF_OPEN:
+        if self.state == HALF_OPEN and not self.probe_in_flight:
             self.probe_in_flight = True
+            return True
+        return False
 
-    def on_success(self) -> None:
-        if self.state != CLOSED:
+    def on_success(self, probe: bool = False) -> None:
+        """A request succeeded. Only the probe closes a half-open circuit; a stale success (a request
+        placed before the circuit opened) neither closes an open one nor frees the probe's slot."""
+        if self.state == CLOSED:
+            self.failures = 0
+        elif self.state == HALF_OPEN and probe:
             log.info("circuit closed after a successful probe")
-        self.state = CLOSED
-        self.failures = 0
-        self.probe_in_flight = False
+            self.state = CLOSED
+            self.failures = 0
+            self.probe_in_flight = False
 
-    def on_failure(self, now: float) -> bool:
+    def on_failure(self, now: float, probe: bool = False) -> bool:
         """Count a failure; answers True when this failure opened the circuit."""
         self.failures += 1
-        self.probe_in_flight = False
-        if self.state == HALF_OPEN or (self.state == CLOSED and self.failures >= self.threshold):
+        if self.state == HALF_OPEN and probe:
+            self.probe_in_flight = False
+            self.state = OPEN
+            self.opened_at = now
+            return True
+        if self.state == CLOSED and self.failures >= self.threshold:
             self.state = OPEN
             self.opened_at = now
             return True
@@ -68,6 +78,7 @@ class CircuitBreaker:
         self.failures = 0
         self.probe_in_flight = False
 
-    def on_release(self) -> None:
-        """The request ended with no verdict (the client left): free the half-open slot."""
-        self.probe_in_flight = False
+    def on_release(self, probe: bool) -> None:
+        """The request ended with no verdict (the client left): the probe frees the half-open slot."""
+        if probe:
+            self.probe_in_flight = False
