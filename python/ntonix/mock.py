@@ -643,6 +643,13 @@ _ADMIN: Final = 0
 _HEALTH: Final = 1
 _PUBLIC: Final = 2
 _MODEL_ROUTE: Final = "/v1/models/{id}"
+_REQUEST_KINDS: Final = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/responses": "responses",
+    "/tokenize": "tokenize",
+}
 
 
 # --- the app
@@ -992,7 +999,7 @@ class MockApp:
             try:
                 reply = prepare(call, knobs)
             except msgspec.DecodeError as err:
-                what = call.scope.path.rsplit("/", 1)[-1].replace("_", " ")
+                what = _REQUEST_KINDS.get(call.scope.path, "")
                 self._error(
                     proto,
                     400,
