@@ -34,7 +34,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug import Request, Response
 
-from tests.conftest import REPO, Proc, Processes, chat_body
+from tests.conftest import Proc, Processes, chat_body
 
 # The README's picture is refreshed only on request (`NTONIX_SCREENSHOT=docs/dashboard.png`), so a
 # test run leaves the work tree clean; otherwise the screenshot goes to a temporary file.
