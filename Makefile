@@ -74,3 +74,50 @@ wheel: venv
 
 clean:
 	rm -rf $(VENV) target dist .pytest_cache .mypy_cache .ruff_cache
+
+# ---- make test-real: opt-in, not part of `make test` -------------------------------------------
+# Two real llama-cpp-python OpenAI-compatible servers (CPU) behind the gateway, serving a tiny
+# random-weight GGUF model generated here (tests_real/make_model.py; nothing from a model hub).
+# The server lives in its own venv (.real/venv); its wheel is built once from PyPI's sdist
+# (about 10 minutes on 2 cores) and cached in .real/wheels. See docs/real-servers.md.
+REAL        := .real
+REAL_PY     := $(REAL)/venv/bin/python
+LLAMA_VER   := 0.3.16
+LLAMA_SDIST := $(REAL)/sdist/llama_cpp_python-$(LLAMA_VER).tar.gz
+LLAMA_CMAKE := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+REAL_VOCAB  := ggml-vocab-llama-spm.gguf
+
+.PHONY: test-real
+
+$(REAL)/venv/.created:
+	$(PYTHON) -m venv $(REAL)/venv
+	$(REAL_PY) -m pip install --quiet --upgrade pip
+	$(REAL_PY) -m pip install --quiet scikit-build-core cmake ninja gguf
+	touch $@
+
+# --no-build-isolation: otherwise pip compiles cmake from source just to read the metadata.
+$(LLAMA_SDIST): $(REAL)/venv/.created
+	$(REAL_PY) -m pip download --quiet --no-deps --no-build-isolation --no-binary :all: \
+		-d $(REAL)/sdist llama-cpp-python==$(LLAMA_VER)
+
+$(REAL)/wheels/.built-$(LLAMA_VER): $(LLAMA_SDIST)
+	@mkdir -p $(REAL)/wheels
+	@echo "building llama-cpp-python $(LLAMA_VER) from source (about 10 minutes on 2 cores)..."
+	CMAKE_ARGS="$(LLAMA_CMAKE)" nice -n 15 $(REAL_PY) -m pip wheel --quiet --no-deps \
+		--no-build-isolation -w $(REAL)/wheels $(LLAMA_SDIST)
+	touch $@
+
+$(REAL)/venv/.llama-$(LLAMA_VER): $(REAL)/wheels/.built-$(LLAMA_VER)
+	$(REAL_PY) -m pip install --quiet \
+		"$$(ls $(REAL)/wheels/llama_cpp_python-$(LLAMA_VER)-*.whl | head -n 1)[server]"
+	touch $@
+
+$(REAL)/model/tiny.gguf: tests_real/make_model.py $(LLAMA_SDIST) $(REAL)/venv/.created
+	@mkdir -p $(REAL)/vocab
+	tar -xzf $(LLAMA_SDIST) -C $(REAL)/vocab --strip-components=4 \
+		llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp/models/$(REAL_VOCAB)
+	$(REAL_PY) tests_real/make_model.py --vocab $(REAL)/vocab/$(REAL_VOCAB) --out $@
+
+test-real: build $(REAL)/venv/.llama-$(LLAMA_VER) $(REAL)/model/tiny.gguf
+	NTONIX_REAL_PYTHON=$(abspath $(REAL_PY)) NTONIX_REAL_MODEL=$(abspath $(REAL)/model/tiny.gguf) \
+		$(PY) -m pytest tests_real -q -p no:cacheprovider
