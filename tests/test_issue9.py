@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import gzip
 import json
 import os
@@ -20,6 +21,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -733,3 +735,104 @@ def test_fault_25_done_then_abrupt_close_is_a_complete_stream(procs: Processes) 
     assert state["errors"] == 0 and state["requests"] == 1, state
     assert metrics(gw)["stream_errors"] == 0
     assert "broke" not in gw.log()
+
+
+# -- Rust faults (the fixes and their direct tests are in rust/ and tests/test_forwarder_core.py) --
+
+
+def test_fault_10_cancelling_the_awaitable_drops_the_rust_future_and_closes_the_connection() -> None:
+    from tests import test_forwarder_core as core
+
+    core.test_cancelling_a_task_awaiting_a_pending_closes_the_upstream_connection()
+    core.test_wait_for_running_out_on_a_pending_closes_the_upstream_connection()
+    core.test_cancelling_a_task_awaiting_next_chunk_closes_the_upstream_connection()
+
+
+def test_fault_17_an_abort_racing_the_start_of_a_chunk_wait_is_never_lost() -> None:
+    """A cancel landing at any moment around the start of a chunk read closes the connection at once.
+
+    The race itself (the flag checked before the `Notified` existed) is pinned deterministically by the
+    Rust unit test `forward::client_tests::a_trigger_racing_the_start_of_a_wait_is_never_lost`; this
+    drives the same window from Python, cancelling after 0 to 3 turns of the loop, many times.
+    """
+    from tests import test_forwarder_core as core
+
+    async def main() -> None:
+        for round_ in range(40):
+            async with core.serve(core.first_chunk_then_silence) as server:
+                with core.forwarder(idle_timeout=30.0) as fwd:
+                    response = await core.request(fwd, server.url)
+                    task = asyncio.ensure_future(response.next_chunk())
+                    for _ in range(round_ % 4):
+                        await asyncio.sleep(0)
+                    task.cancel()
+                    await core.closed_soon(server)  # fails past 1 s; the idle timeout is 30 s
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    core.run(main())
+
+
+class LatePrefill:
+    """A backend that sends its SSE status line and headers at once and the first token `delay` later."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.listener.getsockname()[1])
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            if head.startswith(b"GET"):  # health checks
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: application/json\r\n\r\n{}"
+                )
+                return
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            time.sleep(self.delay)
+            for event in (b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n"):
+                conn.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            conn.sendall(b"0\r\n\r\n")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_fault_24_headers_reach_the_client_before_a_late_first_token(procs: Processes) -> None:
+    from tests import test_forwarder_core as core
+
+    core.test_headers_are_answered_before_a_late_first_chunk()
+    core.test_a_first_chunk_sent_with_the_headers_comes_as_body()
+
+    # End to end: a 3 s prefill must not hold the status line (1.5 s bound: generous on a loaded machine,
+    # and still half the prefill).
+    backend = LatePrefill(delay=3.0)
+    try:
+        gw = procs.gateway([f"127.0.0.1:{backend.port}"], config={"health_check": QUIET_CHECKS})
+        started = time.monotonic()
+        with httpx.stream("POST", gw.url + CHAT, json=chat_body("long prompt", stream=True), timeout=30) as r:
+            headers_after = time.monotonic() - started
+            raw = b"".join(r.iter_raw())
+            total = time.monotonic() - started
+        assert r.status_code == 200
+        assert headers_after < 1.5, f"the status line came {headers_after:.2f}s after the request"
+        assert total >= 2.9 and raw.rstrip().endswith(b"data: [DONE]")
+    finally:
+        backend.close()
