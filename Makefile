@@ -17,6 +17,7 @@ PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pypro
 all: build
 
 $(VENV)/.created:
+	@echo "==> Creating $(VENV) and installing maturin (about 30 s)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.7,<2.0"
@@ -24,10 +25,19 @@ $(VENV)/.created:
 
 venv: $(VENV)/.created
 
+BUILD_NOTICE := ==> Building the Rust extension in release mode: about 2 minutes the first time on 2 cores (crates compile once), seconds after that
+
 # Builds the extension in release mode and installs the package (editable Python part)
-# with its test and lint extras into .venv.
+# with its test and lint extras into .venv. That install contains the runtime-only one.
 $(VENV)/.built: $(VENV)/.created $(RUST_SRC) pyproject.toml
+	@echo "$(BUILD_NOTICE)"
 	$(VENV)/bin/maturin develop --release --quiet --extras test,lint
+	touch $@ $(VENV)/.runtime
+
+# The package alone, without the test and lint extras: all `make demo` needs.
+$(VENV)/.runtime: $(VENV)/.created $(RUST_SRC) pyproject.toml
+	@echo "$(BUILD_NOTICE)"
+	$(VENV)/bin/maturin develop --release --quiet
 	touch $@
 
 build: $(VENV)/.built
@@ -35,6 +45,7 @@ build: $(VENV)/.built
 test: build lint test-rust test-python
 
 test-rust: build
+	@echo "==> Rust tests (cargo test compiles a debug build first: about 2 minutes the first time)"
 	cargo test --quiet --all-targets
 
 # Debian's Chromium and its driver for the dashboard's browser tests (tests/test_dashboard.py).
@@ -44,11 +55,13 @@ browser-deps:
 	fi
 
 test-python: build browser-deps
+	@echo "==> Python tests (a few minutes: real gateway and mock processes)"
 	$(PY) -m pytest -q
 
 lint: lint-rust lint-python
 
 lint-rust:
+	@echo "==> Rust lints (clippy checks every target: about a minute the first time)"
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
 
@@ -63,7 +76,7 @@ fmt: venv
 	$(VENV)/bin/ruff format python tests bench mock
 	$(VENV)/bin/ruff check --fix python tests bench mock
 
-demo: build
+demo: $(VENV)/.runtime
 	@bash mock/demo.sh
 
 bench: build

@@ -254,6 +254,7 @@ class Proxy:
         self.metrics.model(ex.route.name, ex.model).cache_hits += 1
         body, meta = hit
         ex.cache = "HIT"
+        log.debug("request %s: cache hit (%d bytes)", ex.request_id, len(body))
         ex.status = 200
         out = decode_meta(meta)
         if len(out) > 1 and not _accepts(headers.get("accept-encoding"), out[1][1]):
