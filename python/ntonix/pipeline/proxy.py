@@ -40,12 +40,14 @@ from ntonix.errors import (
     UpstreamTimeoutError,
     error_body,
 )
+from ntonix.limits.stream import ask_for_usage
 from ntonix.pipeline.exchange import Exchange, client_request_id
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
 
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
+    from ntonix.auth.guard import Guard
     from ntonix.config import Settings
     from ntonix.observe.metrics import Metrics
     from ntonix.routes.spec import RouteSpec
@@ -91,6 +93,7 @@ class Proxy:
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
         self.slow = SlowRequestWatch()
         self.keys = KeyMemo()
+        self.guard: Guard | None = None  # set by the gateway when API keys are configured
 
     async def handle(self, route: RouteSpec, scope: Any, proto: Any) -> None:
         """Run the whole pipeline for one request; never raises to Granian (but a cancel)."""
@@ -102,6 +105,8 @@ class Proxy:
         if route.validate is None:  # an unknown route goes upstream as the client named it
             ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
+            if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
+                proto = self.guard.admit(headers, ex, proto)
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
             self._error(proto, ex, err)
@@ -133,12 +138,14 @@ class Proxy:
         digest = self._parse(ex, body, cacheable)
         facts = ex.facts
         assert facts is not None
+        if ex.principal is not None:
+            ex.principal.check_model(facts.model, self.registry().aliases)  # 403 model_not_allowed
         model, pool = self._resolve(ex)
         if self.session_header:
             ex.session_header = headers.get(self.session_header)
         key: int | None = None
         if digest is not None and (not facts.stream or self.cache_streams):
-            key = cache_key(route.name, model, self._scope(headers, pool), digest)
+            key = cache_key(route.name, model, self._scope(headers, pool, ex), digest)
         cache = self.cache
         if key is not None:
             assert cache is not None
@@ -235,8 +242,11 @@ class Proxy:
             log.debug("request %s: alias %s -> %s", ex.request_id, facts.model, model)
         return model, pool
 
-    def _scope(self, headers: Any, pool: BackendPool) -> str:
-        """The credential scope of cached answers: the client's Authorization when it reaches a backend."""
+    def _scope(self, headers: Any, pool: BackendPool, ex: Exchange) -> str:
+        """The credential scope of cached answers: the client's Authorization when it reaches a backend,
+        the gateway key with `cache.scope: key` (with gateway keys on, no client Authorization goes up)."""
+        if ex.principal is not None and self.guard is not None:
+            return self.guard.scope(ex.principal)
         authorization = headers.get("authorization")
         if not authorization or all(b.api_key is not None for b in pool.backends):
             return ""
@@ -288,7 +298,16 @@ class Proxy:
 
     def _upstream_headers(self, headers: Any, ex: Exchange, cacheable: bool) -> list[tuple[str, str]]:
         """The client's headers as sent upstream, less those the gateway replaces per backend."""
-        out = [(name, value) for name, value in headers.items() if name not in _REPLACED]
+        out = [
+            (name, value)
+            for name, value in headers.items()
+            if name not in _REPLACED
+            and not name.startswith("proxy-")  # Proxy-Authorization: ours, not theirs
+        ]
+        connection = headers.get("connection")
+        if connection:  # headers the client named hop-by-hop (RFC 9110 §7.6.1) stay on this hop
+            named = {token.strip().lower() for token in connection.split(",")}
+            out = [(name, value) for name, value in out if name not in named]
         out.append(("x-request-id", ex.request_id))
         encoding = headers.get("accept-encoding")
         if cacheable:
@@ -322,7 +341,7 @@ class Proxy:
             send = base
             if backend.api_key is not None:
                 send = [*base, ("authorization", f"Bearer {backend.api_key}")]
-            elif authorization is not None:
+            elif authorization is not None and ex.principal is None:  # a gateway key never goes upstream
                 send = [*base, ("authorization", authorization)]
             pending = self.forwarder.request("POST", backend.url + path, send, ex.body, buffer)
             self.slow.add(pending, proto, pending.cancel)
@@ -385,6 +404,8 @@ class Proxy:
         """Count the answer's tokens for its model; answers the cached prompt tokens it reported."""
         if usage is None:
             return None
+        if ex.principal is not None and self.guard is not None:
+            self.guard.charge(ex.principal, usage.prompt + usage.completion)
         stats = self.metrics.model(ex.route.name, ex.model)
         stats.prompt_tokens += usage.prompt
         stats.completion_tokens += usage.completion
@@ -403,6 +424,7 @@ class Proxy:
     async def _forward_stream(
         self, proto: Any, headers: Any, pool: BackendPool, key: int | None, ex: Exchange
     ) -> None:
+        tap = ask_for_usage(ex) if ex.principal is not None and ex.principal.tpm is not None else None
         lease, response = await self._forward(
             proto, headers, pool, ex, buffer=False, cacheable=key is not None
         )
@@ -435,16 +457,18 @@ class Proxy:
                 ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
                 metrics.ttft.observe(ex.ttfb_ms)
             while chunk is not None:
+                sent = chunk if tap is None else tap.feed(chunk)  # tap: the usage event we asked for
                 try:
-                    await transport.send_bytes(chunk)
+                    if sent:
+                        await transport.send_bytes(sent)
                 except Exception:
                     left = True
                     response.close()
                     break
-                ex.bytes_sent += len(chunk)
+                ex.bytes_sent += len(sent)
                 backend.last_progress = time.monotonic()
-                if record is not None:
-                    record.append(chunk)
+                if record is not None and sent:
+                    record.append(sent)
                 if b'"usage"' in chunk:
                     usage_chunk = chunk
                 if chunk.rstrip().endswith(b"[DONE]"):
@@ -469,10 +493,15 @@ class Proxy:
                             await transport.send_bytes(_stream_error_event(err))
                     record = None
                     break
+            if tap is not None and not left and (rest := tap.flush()):
+                await transport.send_bytes(rest)  # an event held back that never completed
         finally:
             self.slow.remove(response)
             metrics.streams_active -= 1
-            cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
+            if tap is not None and tap.usage is not None:
+                cached = self._note_usage(ex, tap.usage)
+            else:
+                cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
             pool.release(ex, lease, cached)
             if left:
                 metrics.client_disconnects += 1
@@ -514,6 +543,7 @@ class Proxy:
             latency_ms,
             ex.ttfb_ms,
             ex.model,
+            ex.principal.name if ex.principal is not None else None,
         )
 
 
