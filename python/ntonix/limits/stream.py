@@ -63,27 +63,39 @@ def _usage_only(event: bytes) -> bool:
 
 
 class UsageTap:
-    """Removes the usage-only SSE event from a stream; keeps its `Usage`."""
+    """Removes the usage-only SSE event from a stream; keeps its `Usage`.
 
-    __slots__ = ("carry", "usage")
+    NOTE: an event may arrive cut across frames; the tap holds back a frame's unfinished last event
+    (bounded by `_MAX_CARRY`) until its end comes, which costs the client nothing: half an event is
+    of no use to it. A CRLF-framed stream is passed on untouched (its `\r` bytes can only be framing,
+    since JSON escapes them in strings).
+    """
+
+    __slots__ = ("carry", "off", "usage")
 
     def __init__(self) -> None:
         self.carry = b""
+        self.off = False
         self.usage: Usage | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        """What of `chunk` the client gets (b"" when all of it is held back or dropped)."""
+        """What of `chunk` the client gets now (b"" when all of it is held back or dropped)."""
+        if self.off:
+            return chunk
         if self.carry:
             chunk, self.carry = self.carry + chunk, b""
-        if b'"usage"' not in chunk:
+        elif chunk.endswith(b"\n\n") and b'"usage"' not in chunk:
+            return chunk  # the common frame: whole events, no usage
+        if b"\r" in chunk:
+            self.off = True
             return chunk
-        cut = chunk.rfind(b"\n\n")
-        if cut < 0:
-            if len(chunk) > _MAX_CARRY:
-                return chunk  # not SSE framed as we know it: pass it on untouched
-            self.carry = chunk
-            return b""
-        head, self.carry = chunk[: cut + 2], chunk[cut + 2 :]
+        cut = chunk.rfind(b"\n\n") + 2  # 1 when there is no boundary: all of it is the tail
+        head, tail = (chunk[:cut], chunk[cut:]) if cut > 1 else (b"", chunk)
+        if len(tail) > _MAX_CARRY:
+            head, tail = chunk, b""  # not SSE as we know it: give up holding back
+        self.carry = tail
+        if b'"usage"' not in head:
+            return head
         events = head.split(b"\n\n")
         kept: list[bytes] = []
         for event in events[:-1]:
