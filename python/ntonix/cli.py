@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -147,7 +148,7 @@ def keys_hash(key: str | None) -> None:
     from ntonix.auth.keys import hash_key
 
     if key is None:
-        key = click.get_text_stream("stdin").readline().strip()
+        key = sys.stdin.readline().strip()
     if not key or any(c.isspace() for c in key):
         click.echo("ntonix: expected one key without spaces", err=True)
         raise SystemExit(2)
