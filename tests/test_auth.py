@@ -83,7 +83,10 @@ def test_model_allow_list_with_aliases() -> None:
         ([{"key": "k", "name": "bad name"}], "auth.keys[0].name"),
         ([{"key": "k", "name": "a", "rpm": 0}], "auth.keys[0].rpm: expected an integer >= 1, got 0"),
         ([{"key": "k", "name": "a", "tpm": -1}], "auth.keys[0].tpm"),
-        ([{"key": "k", "name": "a"}, {"key": "k", "name": "b"}], "auth.keys[1]: the same key is listed twice"),
+        (
+            [{"key": "k", "name": "a"}, {"key": "k", "name": "b"}],
+            "auth.keys[1]: the same key is listed twice",
+        ),
         ([{"key": "k", "name": "a"}, {"key": "j", "name": "a"}], "auth.keys[1].name: 'a' names two keys"),
         ([{"key": "k", "name": "a", "extra": 1}], "unknown key 'auth.keys[0].extra'"),
     ],
@@ -105,7 +108,7 @@ def test_bad_keys_file_and_admin_key(tmp_path: Path) -> None:
     broken.write_text("{not json")
     with pytest.raises(ConfigError, match=r"auth.keys_file '.*broken.json': JSON is malformed"):
         build_or_config(tmp_path, keys_file=str(broken))
-    with pytest.raises(ConfigError, match="must differ from auth.admin_key"):
+    with pytest.raises(ConfigError, match=r"must differ from auth\.admin_key"):
         build_or_config(tmp_path, keys=[{"key": "same", "name": "a"}], admin_key="same")
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"key": "k", "name": "a"}]))  # a bare list is accepted too
@@ -121,10 +124,10 @@ def build_or_config(tmp_path: Path, **section: Any) -> None:
 def test_cache_scope_and_cors_origins_are_checked(tmp_path: Path) -> None:
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"cache": {"scope": "user"}}))
-    with pytest.raises(ConfigError, match="cache.scope: expected one of global, key"):
+    with pytest.raises(ConfigError, match=r"cache\.scope: expected one of global, key"):
         load_settings(str(path), ONE_BACKEND)
     path.write_text(json.dumps({"server": {"cors_origins": ["app.example"]}}))
-    with pytest.raises(ConfigError, match="server.cors_origins"):
+    with pytest.raises(ConfigError, match=r"server\.cors_origins"):
         load_settings(str(path), ONE_BACKEND)
     path.write_text(json.dumps({"server": {"cors_origins": ["https://app.example:8443", "*"]}}))
     assert load_settings(str(path), ONE_BACKEND).server.cors_origins == ("https://app.example:8443", "*")

@@ -106,7 +106,10 @@ def test_keys_are_limited_apart_and_unlimited_keys_get_no_headers() -> None:
     for _ in range(100):
         limiter.admit(free)
     assert limiter.headers(free) == []
-    assert [n for n, _ in limiter.headers(a)] == ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests"]
+    assert [n for n, _ in limiter.headers(a)] == [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+    ]
 
 
 def test_the_longer_wait_names_the_limit() -> None:
@@ -124,7 +127,9 @@ def test_the_longer_wait_names_the_limit() -> None:
 
 ROLE = b'data: {"id":"c","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n'
 TOKEN = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-USAGE = b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n'
+USAGE = (
+    b'data: {"id":"c","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}\n\n'
+)
 DONE = b"data: [DONE]\n\n"
 
 

@@ -36,7 +36,9 @@ class Cluster:
     gateway: Proc
     mock: Proc
 
-    def post(self, key: str | None, body: Any, path: str = "/v1/chat/completions", **kw: Any) -> httpx.Response:
+    def post(
+        self, key: str | None, body: Any, path: str = "/v1/chat/completions", **kw: Any
+    ) -> httpx.Response:
         headers = dict(kw.pop("headers", {}))
         if key is not None:
             headers["authorization"] = f"Bearer {key}"

@@ -42,7 +42,10 @@ def test_rpm_exact_count_and_429(cluster: Cluster) -> None:
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert 19 <= int(refused.headers["retry-after"]) <= 20  # one request comes back every 20 s
-    assert limit_headers(refused) == {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "0"}
+    assert limit_headers(refused) == {
+        "x-ratelimit-limit-requests": "3",
+        "x-ratelimit-remaining-requests": "0",
+    }
     # a refused request reaches no backend and spends nothing
     assert not [r for r in cluster.backend_requests() if "rpm 3" in r["body"]]
     assert cluster.post(RPM3, chat("rpm 4")).status_code == 429
@@ -67,7 +70,9 @@ def test_tpm_exact_count_from_answers(cluster: Cluster) -> None:
     assert 3 <= int(refused.headers["retry-after"]) <= 6  # 108 - 99 tokens to drain: 5.4 s
 
 
-def stream(cluster: Cluster, key: str, content: str, **extra: object) -> tuple[int, list[str], dict[str, str]]:
+def stream(
+    cluster: Cluster, key: str, content: str, **extra: object
+) -> tuple[int, list[str], dict[str, str]]:
     body = chat(content, stream=True, **extra)
     headers = {"authorization": f"Bearer {key}"}
     with httpx.stream("POST", cluster.gateway.url + "/v1/chat/completions", json=body, headers=headers) as r:
