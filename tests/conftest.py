@@ -57,6 +57,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    health_path: str = "/health"
     url: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -110,9 +111,9 @@ class Processes:
         def up() -> bool:
             if not proc.alive():
                 raise AssertionError(f"process exited early ({proc.popen.returncode}):\n{proc.log()}")
-            return HTTP.get(proc.url + "/health", timeout=1.0).status_code == 200
+            return HTTP.get(proc.url + proc.health_path, timeout=1.0).status_code == 200
 
-        wait_for(up, timeout, what=f"{proc.url}/health")
+        wait_for(up, timeout, what=f"{proc.url}{proc.health_path}")
         return proc
 
     def mock(self, *extra: str, port: int | None = None, name: str | None = None, wait: bool = True) -> Proc:
@@ -121,6 +122,8 @@ class Processes:
         if name:
             args += ["--name", name]
         proc = self.spawn(args, port)
+        if "--prefix" in extra:
+            proc.health_path = extra[extra.index("--prefix") + 1] + "/health"
         return self.wait_healthy(proc) if wait else proc
 
     def mock_serving(
