@@ -394,12 +394,13 @@ def test_responses_and_unknown_routes_are_not_retried_once_sent(procs: Processes
 
 
 def test_url_backend_keeps_its_path_prefix(procs: Processes) -> None:
-    mock = procs.mock_serving("pfx", extra=("--prefix", "/openai"), name="prefixed")
+    model = "org/pfx-model"  # ids with a slash are the norm (vLLM serves Hugging Face names)
+    mock = procs.mock_serving(model, extra=("--prefix", "/openai"), name="prefixed")
     assert HTTP.get(mock.url + "/v1/models").status_code == 404  # only served under the prefix
     gw = procs.gateway_for([{"url": mock.url + "/openai/"}])
-    wait_models(gw, {"pfx"})  # discovered at /openai/v1/models
-    assert post(gw, CHAT, chat("pfx")).status_code == 200
-    streamed = post(gw, COMPLETIONS, {"model": "pfx", "prompt": "p", "stream": True})
+    wait_models(gw, {model})  # discovered at /openai/v1/models
+    assert post(gw, CHAT, chat(model)).status_code == 200
+    streamed = post(gw, COMPLETIONS, {"model": model, "prompt": "p", "stream": True})
     assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
     paths = [r["path"] for r in mock_requests(mock) if r["method"] == "POST"]
     assert paths == ["/openai/v1/chat/completions", "/openai/v1/completions"]
@@ -407,6 +408,9 @@ def test_url_backend_keeps_its_path_prefix(procs: Processes) -> None:
     assert backend["url"] == mock.url + "/openai" and backend["healthy"] is True
     health = mock_requests(mock, "/openai/health")
     assert health and all(r["method"] == "GET" for r in health)
+    for path in ("/v1/models/org/pfx-model", "/v1/models/org%2Fpfx-model"):
+        found = HTTP.get(gw.url + path)
+        assert found.status_code == 200 and found.json()["id"] == model, path
 
 
 def test_api_key_replaces_the_clients_authorization(procs: Processes) -> None:
@@ -428,6 +432,13 @@ def test_api_key_replaces_the_clients_authorization(procs: Processes) -> None:
             assert second["headers"]["authorization"] == "Bearer sekret"  # also when the client sends none
         else:
             assert "authorization" not in second["headers"]
+    # the client's Authorization is part of the cache scope only where it reaches the backend
+    for name, shared in (("keyed", True), ("open", False)):
+        body = chat(name, "scoped " + name)
+        assert post(gw, CHAT, body, {"authorization": "Bearer one"}).headers["x-cache"] == "MISS"
+        other = post(gw, CHAT, body, {"authorization": "Bearer two"}).headers["x-cache"]
+        assert other == ("HIT" if shared else "MISS"), name
+        assert post(gw, CHAT, body, {"authorization": "Bearer one"}).headers["x-cache"] == "HIT"
 
 
 def _backends(gateway: Proc) -> list[tuple[str, int]]:
@@ -485,12 +496,20 @@ def test_bad_backend_url_is_one_line_and_exit_2(
     assert "Traceback" not in result.stderr
 
 
-def test_a_backend_learns_its_models_again_after_it_comes_back(procs: Processes) -> None:
-    """A backend that was down when the gateway started is discovered once it answers."""
-    port = procs.mock_serving("later", name="probe").port  # reserve a port a mock can bind again
-    procs.procs[-1].kill()
+def test_a_backend_down_at_start_is_probed_and_discovered_when_it_comes_back(procs: Processes) -> None:
+    """/ready is 503 with Retry-After while no backend is up; a backend without /health (llama.cpp's
+    Python server) is probed at /v1/models instead, and its models are learnt once it answers."""
+    port = free_port()
     gw = procs.gateway_for([{"url": f"http://127.0.0.1:{port}"}])
     wait_for(lambda: not HTTP.get(gw.url + "/metrics").json()["backends"][0]["healthy"], what="unhealthy")
-    procs.mock("--model", "later", port=port, name="later")
+    ready = HTTP.get(gw.url + "/ready")
+    assert ready.status_code == 503 and ready.headers["retry-after"].isdigit()
+    assert ready.json()["error"]["code"] == "no_healthy_backend"
+    late = procs.mock("--model", "later", "--no-health", port=port, name="later", wait=False)
+    wait_for(lambda: HTTP.get(gw.url + "/ready").status_code == 200, timeout=20.0, what="ready")
+    assert HTTP.get(gw.url + "/ready").json()["healthy_backends"] == 1
     wait_models(gw, {"later"})
-    wait_for(lambda: post(gw, CHAT, chat("later")).status_code == 200, what="traffic to the revived backend")
+    assert post(gw, CHAT, chat("later")).status_code == 200
+    probes = {r["path"] for r in mock_requests(late) if r["method"] == "GET"}
+    assert "/v1/models" in probes
+    assert "has no /health (404): probing /v1/models instead" in gw.log()

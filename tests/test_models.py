@@ -311,13 +311,20 @@ def test_metrics_per_model_with_tokens_from_usage(fresh: Cluster) -> None:
     failed = post(gw, CHAT, chat("llama", "fail"), {"x-mock-status": "500"})
     assert failed.status_code == 500
     assert post(gw, EMBEDDINGS, {"model": "embed", "input": "three words here"}).status_code == 200
+    # Responses API usage (input/output tokens), whole and in the stream's response.completed event
+    assert (
+        post(gw, "/v1/responses", {"model": "llama", "input": "five words in this input"}).status_code == 200
+    )
+    streamed = post(gw, "/v1/responses", {"model": "mini", "input": "a b", "stream": True})
+    assert streamed.status_code == 200 and "response.completed" in streamed.text
 
     models = metrics(gw)["models"]
     llama = models["llama"]
-    assert llama["requests"] == 4 and llama["errors"] == 1 and llama["cache_hits"] == 1
-    assert llama["prompt_tokens"] == 4 + 2  # the failed answer carries no usage
-    assert llama["completion_tokens"] == 16 + 5
+    assert llama["requests"] == 6 and llama["errors"] == 1 and llama["cache_hits"] == 1
+    assert llama["prompt_tokens"] == 4 + 2 + 5 + 2  # the failed answer carries no usage
+    assert llama["completion_tokens"] == 16 + 5 + 16 + 16
     assert llama["routes"]["chat"]["requests"] == 4
+    assert llama["routes"]["responses"]["requests"] == 2
     embed = models["embed"]
     assert (embed["requests"], embed["prompt_tokens"], embed["completion_tokens"]) == (1, 3, 0)
     assert embed["routes"]["embeddings"]["requests"] == 1
@@ -355,6 +362,7 @@ def test_prometheus_model_series_are_bounded_to_known_models(fresh: Cluster) -> 
     assert requests[("chat", "other")] == 2
     assert requests[("other", "other")] == 2
     assert "client-made-up" not in text
+    assert set(metrics(gw)["models"]) == {"llama", "other"}  # the JSON view is bounded the same way
     assert {model for _, model in requests} <= {"llama", "other", "-"}
     tokens = _samples(text, "ntonix_model_completion_tokens_total")
     assert tokens[("chat", "llama")] == 3 * 16
