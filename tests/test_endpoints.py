@@ -363,8 +363,12 @@ def test_responses_and_unknown_routes_are_not_retried_once_sent(procs: Processes
     resetter = Resetter(["llama"])
     try:
         mock = procs.mock_serving("llama", name="steady")
+        # models configured: no discovery, so no pool rebuilt (and round robin restarted) mid-test
         gw = procs.gateway_for(
-            [{"url": f"http://127.0.0.1:{resetter.port}"}, backend_entry(mock)],
+            [
+                {"url": f"http://127.0.0.1:{resetter.port}", "models": ["llama"]},
+                backend_entry(mock, models=["llama"]),
+            ],
             {"circuit_breaker": {"failure_threshold": 1000}, "cache": {"enabled": False}},
         )
         for path, body in (
@@ -451,8 +455,9 @@ def test_cli_and_environment_take_host_port_weight_and_urls(procs: Processes) ->
     for mock in (a, b):
         procs.wait_healthy(mock)
     specs = [f"127.0.0.1:{a.port}:3", f"{b.url}/v"]
-    from_cli = procs.gateway(backends=specs, wait=False)
-    from_env = procs.gateway(env={"NTONIX_BACKENDS": ",".join(specs)}, wait=False)
+    steady = {"health_check": {"timeout_seconds": 3}}
+    from_cli = procs.gateway(backends=specs, config=steady, wait=False)
+    from_env = procs.gateway(env={"NTONIX_BACKENDS": ",".join(specs)}, config=steady, wait=False)
     for gw in (from_cli, from_env):
         procs.wait_healthy(gw)
         assert _backends(gw) == [(a.url, 3), (b.url + "/v", 1)]

@@ -73,9 +73,9 @@ def set_models_status(mock: Proc, status: int) -> None:
 class Cluster:
     """Mocks shared by the module, and one gateway over the first three.
 
-    a1 and a2 serve `llama` (discovered), b serves `coder` and `embed` (configured), with an alias
-    `gpt-4o-mini` -> llama. z (`zed`), w (`wid`) and `anything` (lists mock-model, answers any name) are
-    for gateways of single tests. Tests that need their own gateway start only that.
+    a1 and a2 serve `llama`, b serves `coder` and `embed` (all configured; discovery has tests of its
+    own), alias `gpt-4o-mini` -> llama. z (`zed`), w (`wid`) and `anything` (lists mock-model, answers
+    any name) are for gateways of single tests. Tests that need their own gateway start only that.
     """
 
     def __init__(self, procs: Processes) -> None:
@@ -91,8 +91,9 @@ class Cluster:
             procs.wait_healthy(mock)
         self.gateway = procs.gateway_for(
             [
-                backend_entry(self.a1),
-                backend_entry(self.a2),
+                # all configured: no discovery, so no pool rebuilt mid-test (exact round robin counts)
+                backend_entry(self.a1, models=["llama"]),
+                backend_entry(self.a2, models=["llama"]),
                 backend_entry(self.b, models=["coder", "embed"]),
             ],
             {"models": {"aliases": {"gpt-4o-mini": "llama"}}},
