@@ -15,8 +15,11 @@ import logging
 import msgspec
 
 from ntonix._core import Forwarder, ResponseCache, init_runtime
+from ntonix.auth.guard import Guard
+from ntonix.auth.keys import KeyConfigError, build_table
 from ntonix.balance import make_policy
 from ntonix.config import Settings
+from ntonix.limits.limiter import Limiter
 from ntonix.observe.metrics import Metrics
 from ntonix.pipeline.proxy import Proxy
 from ntonix.upstream.backend import Backend, build_backends
@@ -62,6 +65,8 @@ class Gateway:
         self.registry = self._registry(settings, self.backends)
         self.metrics.known_models = lambda: self.registry.known
         self.proxy = Proxy(settings, self.forwarder, self.cache, self.metrics, lambda: self.registry)
+        self.limiter = Limiter()
+        self._set_guard(Guard(build_table(settings.auth), self.limiter, settings.cache.scope == "key"))
         self.health = HealthChecker(
             settings.health_check, self.forwarder, lambda: self.backends, self._models_changed
         )
@@ -70,6 +75,21 @@ class Gateway:
     def _registry(settings: Settings, backends: list[Backend]) -> ModelRegistry:
         routing = settings.routing
         return ModelRegistry(backends, dict(settings.models.aliases), lambda: make_policy(routing))
+
+    def _set_guard(self, guard: Guard) -> None:
+        self.guard = guard
+        self.proxy.guard = guard if guard.keys_on else None  # no keys: the pipeline skips the phase
+
+    def _reload_keys(self, fresh: Settings) -> None:
+        """Swap in the re-read keys; a bad keys file keeps the old ones (one log line)."""
+        try:
+            table = build_table(fresh.auth)
+        except KeyConfigError as err:
+            log.error("keys reload failed, keeping the old keys: %s", err)
+            return
+        self._set_guard(Guard(table, self.limiter, self.settings.cache.scope == "key"))
+        self.settings = msgspec.structs.replace(self.settings, auth=fresh.auth)
+        log.info("keys reloaded: %d key(s)%s", len(table.by_digest), ", admin key set" if table.admin else "")
 
     def _models_changed(self) -> None:
         self.registry.invalidate()
@@ -87,6 +107,7 @@ class Gateway:
             "backends reloaded: %s",
             ", ".join(f"{b.key} (weight {b.weight})" for b in backends),
         )
+        self._reload_keys(fresh)
 
     def cache_stats(self) -> dict[str, int]:
         return self.cache.stats() if self.cache is not None else dict(_EMPTY_CACHE_STATS)

@@ -1,7 +1,7 @@
 """Gateway counters and their two views: the seed's JSON and Prometheus text.
 
 Counters are plain attributes bumped on the event loop (one thread, so no
-locks). `snapshot()` renders the JSON of SPEC §4 `/metrics`; `prometheus()`
+locks). `snapshot()` renders the `/metrics` JSON (fields listed in the README); `prometheus()`
 renders the same figures, plus latency histograms per backend, the
 time-to-first-token histogram, cache counters and circuit states, in the
 Prometheus text exposition format (version 0.0.4).
