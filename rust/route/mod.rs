@@ -1,32 +1,35 @@
 //! PyO3 face of the prefix index: `PrefixIndex` wraps [`prefix::PrefixIndex`] behind one
 //! `parking_lot::Mutex`. Invariant: prompts are hashed before the lock is taken and, from
-//! [`DETACH_MIN_BYTES`] up, with the interpreter detached; no Python object is created while
-//! the lock is held (results are copied out as plain pairs first).
+//! [`DETACH_MIN_BYTES`] up, with the interpreter detached; no Python object is created while the
+//! index lock is held, and the index lock and the memo lock are never held together.
+//!
+//! The policy calls `match_prefix(text)` and then `insert(text, chosen)` with the same `str`
+//! object, so the hashes of the last matched prompt are kept (with a strong reference to it,
+//! which makes identity mean equal content) and the insert does not hash the prompt again.
 
 pub mod prefix;
 
-use parking_lot::Mutex;
-use pyo3::exceptions::{PyMemoryError, PyValueError};
-use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use std::sync::Arc;
 
-use prefix::{BlockHasher, PrefixError, MAX_BACKEND};
+use parking_lot::Mutex;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString};
+
+use prefix::{BlockHasher, BlockHashes, PrefixError, MAX_BACKEND_ID};
 
 /// Prompts shorter than this are handled without detaching: below it the detach/re-attach
 /// pair costs a large share of the work it would let other threads overlap (ADR 006).
 const DETACH_MIN_BYTES: usize = 4096;
 
 fn to_py_err(err: PrefixError) -> PyErr {
-    match err {
-        PrefixError::OutOfMemory(_) => PyMemoryError::new_err(err.to_string()),
-        _ => PyValueError::new_err(err.to_string()),
-    }
+    PyValueError::new_err(err.to_string())
 }
 
 fn backend_id(backend: i64) -> PyResult<u32> {
     u32::try_from(backend)
         .ok()
-        .filter(|&b| b <= MAX_BACKEND)
+        .filter(|&b| b <= MAX_BACKEND_ID)
         .ok_or_else(|| to_py_err(PrefixError::Backend(i128::from(backend))))
 }
 
@@ -45,6 +48,18 @@ pub struct PrefixIndex {
     /// Copied out of the index: hashing needs no lock.
     hasher: BlockHasher,
     inner: Mutex<prefix::PrefixIndex>,
+    /// The last prompt matched and its hashes, taken by the insert that follows.
+    memo: Mutex<Option<(Py<PyString>, Arc<BlockHashes>)>>,
+}
+
+impl PrefixIndex {
+    fn memo_take(&self, text: &Bound<'_, PyString>) -> Option<Arc<BlockHashes>> {
+        let mut memo = self.memo.lock();
+        match memo.as_ref() {
+            Some((held, _)) if held.is(text) => memo.take().map(|(_, hashes)| hashes),
+            _ => None,
+        }
+    }
 }
 
 #[pymethods]
@@ -62,15 +77,24 @@ impl PrefixIndex {
         Ok(Self {
             hasher: inner.hasher(),
             inner: Mutex::new(inner),
+            memo: Mutex::new(None),
         })
     }
 
     /// `{backend: characters of text it holds}` for every backend holding a prefix of `text`.
-    fn match_prefix<'py>(&self, py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyDict>> {
-        let found = maybe_detach(py, text, || {
-            let hashes = self.hasher.hash(text);
-            self.inner.lock().match_prefix(text, &hashes)
+    fn match_prefix<'py>(
+        &self,
+        py: Python<'py>,
+        text: &Bound<'py, PyString>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let s = text.to_str()?;
+        let (hashes, found) = maybe_detach(py, s, || {
+            let hashes = self.hasher.hash(s);
+            let found = self.inner.lock().match_prefix(s, &hashes);
+            (hashes, found)
         });
+        // The old memo (if any) is dropped here, attached.
+        *self.memo.lock() = Some((text.clone().unbind(), Arc::new(hashes)));
         let dict = PyDict::new(py);
         for (backend, chars) in found {
             dict.set_item(backend, chars)?;
@@ -80,18 +104,26 @@ impl PrefixIndex {
 
     /// Records that `backend` now holds the prompt's blocks (evicting the least recently used
     /// ones when the budget is full).
-    fn insert(&self, py: Python<'_>, text: &str, backend: i64) -> PyResult<()> {
+    fn insert(&self, py: Python<'_>, text: &Bound<'_, PyString>, backend: i64) -> PyResult<()> {
         let backend = backend_id(backend)?;
-        maybe_detach(py, text, || {
-            let hashes = self.hasher.hash(text);
-            self.inner.lock().insert(&hashes, backend);
-        });
-        Ok(())
+        let memo = self.memo_take(text);
+        let s = text.to_str()?;
+        maybe_detach(py, s, || {
+            let hashes = memo.unwrap_or_else(|| Arc::new(self.hasher.hash(s)));
+            self.inner.lock().insert(&hashes, backend).map(|_| ())
+        })
+        .map_err(to_py_err)
     }
 
     /// Feedback: `backend` had only the first `cached_chars` characters of `text` cached, so
     /// it forgets the prompt's blocks past them. Returns the entries dropped.
-    fn weaken(&self, py: Python<'_>, text: &str, backend: i64, cached_chars: i64) -> PyResult<usize> {
+    fn weaken(
+        &self,
+        py: Python<'_>,
+        text: &str,
+        backend: i64,
+        cached_chars: i64,
+    ) -> PyResult<usize> {
         let backend = backend_id(backend)?;
         let cached = usize::try_from(cached_chars).unwrap_or(0);
         Ok(maybe_detach(py, text, || {
@@ -107,6 +139,7 @@ impl PrefixIndex {
     }
 
     fn clear(&self, py: Python<'_>) {
+        self.memo.lock().take();
         py.detach(|| self.inner.lock().clear());
     }
 
@@ -122,6 +155,7 @@ impl PrefixIndex {
             ("max_bytes", s.max_bytes),
             ("capacity", s.capacity),
             ("block_chars", s.block_chars),
+            ("backends", s.backends),
             ("lookups", s.lookups),
             ("matched_lookups", s.matched_lookups),
             ("matched_chars", s.matched_chars),

@@ -1,6 +1,6 @@
-//! Approximate KV-prefix index: which backend was last sent each prompt prefix. Invariant: the
-//! memory it allocates (`bytes_reserved`, counted conservatively, see [`reserved_bytes`]) never
-//! exceeds `max_bytes`; it is allocated once, at construction, and never grows.
+//! Approximate KV-prefix index: which backends were last sent each prompt prefix. Invariant: the
+//! memory it allocates (`bytes_reserved = FIXED_BYTES + slots * SLOT_BYTES`) never exceeds
+//! `max_bytes`; it is allocated once, at construction, and never grows.
 //!
 //! Pure Rust, no Python: the PyO3 glue lives in `mod.rs`.
 //!
@@ -9,18 +9,22 @@
 //!   hash `h_i = xxh3_64(block_i, seed = h_{i-1})`, `h_{-1}` a random per-index seed (llm-d's
 //!   scheme). A block hash therefore names the whole prefix up to its end: two prompts share
 //!   block i only if they share every byte before it. A trailing partial block is not indexed.
-//! - One open-addressing table (linear probing, backward-shift deletion, load <= 3/4) maps a
-//!   block hash to a short chain of entries, one per backend holding that block. The hashes are
-//!   already uniform and keyed by a secret seed, so the table uses their low bits directly and a
-//!   client cannot aim prompts at one probe run.
-//! - Every (block, backend) entry sits in a slab and on one intrusive LRU list. An insert
-//!   touches its blocks from the last to the first, so a prefix is always more recent than its
-//!   extensions and eviction (from the LRU tail) removes the deepest blocks first: what remains
-//!   of a backend's prompt is still a prefix of it. The budget is global, not per backend, so
-//!   a busy backend takes room from idle ones instead of the sum growing with the fleet.
-//! - `match_prefix` walks blocks from the first, keeping the backends that hold every block so
-//!   far, and stops at the first block nobody (left) holds: O(prompt length) hashing plus
-//!   O(blocks x backends per block) probing.
+//! - One open-addressing table (linear probing, backward-shift deletion, load <= 3/4) of 24-byte
+//!   slots `[hash, backends, recency]`: `backends` is a bit set over at most [`MAX_BACKENDS`]
+//!   backends (ids mapped to bits by a small registry), so a block costs one slot however many
+//!   backends hold it, and a lookup reads one slot per block and chases no pointers. The hashes
+//!   are uniform and keyed by a secret seed, so the table takes its position from them
+//!   directly (multiply-shift onto any table size, so the whole budget is usable) and a client
+//!   cannot aim prompts at one probe run.
+//! - Recency is `tick << 24 | (2^24 - 1 - depth)`, `tick` counting inserts: a full table evicts,
+//!   among [`SAMPLE`] occupied slots read on from a moving hand, the one with the smallest
+//!   recency: least recently inserted, and the deepest block of a prompt before its prefix
+//!   (sampled LRU, as Redis does). What is left of a prompt is then mostly still a prefix of it;
+//!   a block left behind a gap is never matched (a match stops at the first missing block) and
+//!   ages out. The budget is global, not per backend, so busy backends take room from idle ones
+//!   instead of the total growing with the fleet.
+//! - `match_prefix` walks the blocks from the first, intersecting the backend sets, and stops
+//!   when the set is empty: O(prompt length) hashing plus one probe per matched block.
 
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
@@ -28,67 +32,41 @@ use std::mem::size_of;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-/// "No entry" in the slab links.
-const NIL: u32 = u32::MAX;
+/// Backends one index can tell apart (bits of a slot's backend set).
+pub const MAX_BACKENDS: usize = 64;
+/// Largest backend id accepted.
+pub const MAX_BACKEND_ID: u32 = u32::MAX - 1;
 
-/// Backend id reserved to mark free slab entries; Python ids must be below it.
-pub const MAX_BACKEND: u32 = u32::MAX - 1;
+/// Table slot `[hash, backend bits, recency]`; all zeros (no backend) is empty, which lets the
+/// table come from zeroed memory whose pages the kernel only backs once touched.
+type Slot = [u64; 3];
 
-/// One (block, backend) entry: 24 bytes.
-#[derive(Clone, Copy, Debug)]
-struct Entry {
-    /// Chained hash of the block (to find its table slot when the entry is evicted).
-    hash: u64,
-    /// Backend id, or `NIL` while the entry is on the free list.
-    backend: u32,
-    /// LRU neighbours: `prev` is more recent, `next` older. `next` links the free list.
-    prev: u32,
-    next: u32,
-    /// Next entry of the same block (another backend), or `NIL`.
-    chain: u32,
-}
-
-/// Table slot `[hash, head + 1]`; all zeros is empty, which lets the table come from a zeroed
-/// allocation whose pages the kernel only backs once touched.
-type Slot = [u64; 2];
-
-/// Bytes of one slab entry.
-pub const ENTRY_BYTES: u64 = size_of::<Entry>() as u64;
 /// Bytes of one table slot.
 pub const SLOT_BYTES: u64 = size_of::<Slot>() as u64;
-/// Fixed cost charged once: the index struct, its lock and counters, the two heap blocks'
-/// allocator headers (checked by `fixed_bytes_cover_the_struct`).
-pub const FIXED_BYTES: u64 = 512;
+/// Fixed cost charged once: the index struct (with its backend registry), the lock and
+/// counters around it in the glue, the allocator header of the table (checked by
+/// `fixed_bytes_cover_the_struct`).
+pub const FIXED_BYTES: u64 = 1024;
 /// The smallest table; below this the index is useless.
 const MIN_SLOTS: usize = 16;
 /// Largest block size accepted (a block larger than a prompt never matches anything).
 pub const MAX_BLOCK_BYTES: usize = 1 << 20;
+/// Occupied slots compared per eviction (Redis samples 5 by default; 10 is "very close to true
+/// LRU" in its measurements).
+pub const SAMPLE: usize = 8;
 
-/// Memory actually reserved for a layout of `entries` slab entries and `slots` table slots.
-/// This is the whole formula the budget is checked against:
-/// `FIXED_BYTES + entries * ENTRY_BYTES + slots * SLOT_BYTES`.
-pub fn reserved_bytes(entries: usize, slots: usize) -> u64 {
-    FIXED_BYTES
-        .saturating_add((entries as u64).saturating_mul(ENTRY_BYTES))
-        .saturating_add((slots as u64).saturating_mul(SLOT_BYTES))
+const DEPTH_BITS: u32 = 24;
+const DEPTH_MAX: u64 = (1 << DEPTH_BITS) - 1;
+
+/// Memory reserved for a table of `slots` slots: the whole formula the budget is checked
+/// against.
+pub fn reserved_bytes(slots: usize) -> u64 {
+    FIXED_BYTES.saturating_add((slots as u64).saturating_mul(SLOT_BYTES))
 }
 
-/// The largest layout that fits in `max_bytes`: the largest power-of-two table able to hold
-/// one block per entry at load 3/4, then as many entries as the rest of the budget pays for
-/// (more entries than table room helps when several backends hold the same blocks).
-fn layout(max_bytes: u64) -> Option<(usize, usize)> {
-    let room = max_bytes.checked_sub(FIXED_BYTES)?;
-    // A slot plus the 3/4 entry it may carry.
-    let per_slot = SLOT_BYTES + ENTRY_BYTES * 3 / 4;
-    let mut slots = MIN_SLOTS as u64;
-    if slots * per_slot > room {
-        return None;
-    }
-    while slots * 2 * per_slot <= room && slots * 2 <= (1u64 << 31) {
-        slots *= 2;
-    }
-    let entries = ((room - slots * SLOT_BYTES) / ENTRY_BYTES).min(u64::from(NIL - 1));
-    Some((usize::try_from(entries).ok()?, usize::try_from(slots).ok()?))
+/// Smallest `max_bytes` accepted.
+pub fn min_budget() -> u64 {
+    reserved_bytes(MIN_SLOTS)
 }
 
 /// Invalid construction or call arguments.
@@ -98,47 +76,56 @@ pub enum PrefixError {
     BudgetTooSmall { min: u64, got: u64 },
     #[error("block_chars must be between 1 and {MAX_BLOCK_BYTES}, got {0}")]
     BlockSize(usize),
-    #[error("backend id must be between 0 and {MAX_BACKEND}, got {0}")]
+    #[error("backend id must be between 0 and {MAX_BACKEND_ID}, got {0}")]
     Backend(i128),
-    #[error("could not reserve {0} bytes for the prefix index")]
-    OutOfMemory(u64),
-}
-
-/// Smallest `max_bytes` accepted.
-pub fn min_budget() -> u64 {
-    reserved_bytes(MIN_SLOTS * 3 / 4, MIN_SLOTS)
+    #[error("a prefix index tells at most {MAX_BACKENDS} backends apart; remove one first")]
+    TooManyBackends,
 }
 
 /// Counters and sizes reported by [`PrefixIndex::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixStats {
-    /// (block, backend) entries held.
+    /// (block, backend) pairs held.
     pub entries: u64,
     /// Distinct blocks held (by one backend or more).
     pub blocks: u64,
-    /// Reserved bytes holding live data: `FIXED_BYTES + entries * ENTRY_BYTES + blocks * SLOT_BYTES`.
+    /// Reserved bytes holding live blocks: `FIXED_BYTES + blocks * SLOT_BYTES`.
     pub bytes_used: u64,
-    /// Bytes reserved at construction (`reserved_bytes(capacity, slots)`), <= `max_bytes`.
+    /// Bytes reserved at construction, <= `max_bytes`.
     pub bytes_reserved: u64,
     pub max_bytes: u64,
-    /// Entries the budget holds.
+    /// Blocks the table holds at its load limit.
     pub capacity: u64,
     pub block_chars: u64,
+    pub backends: u64,
     pub lookups: u64,
     /// Lookups that found at least one backend.
     pub matched_lookups: u64,
     /// Sum over lookups of the longest match, in characters.
     pub matched_chars: u64,
     pub inserts: u64,
+    /// Blocks evicted to make room.
     pub evictions: u64,
-    /// Entries dropped by `weaken`.
+    /// (block, backend) pairs dropped by `weaken`.
     pub weakened: u64,
-    /// Entries dropped by `remove_backend`.
+    /// (block, backend) pairs dropped by `remove_backend`.
     pub removed: u64,
 }
 
 /// Chained block hashes of a prompt's full blocks.
 pub struct BlockHashes(Vec<u64>);
+
+// Used by tests and benches only.
+#[allow(dead_code)]
+impl BlockHashes {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// The index's seed and block size: all that hashing needs, so it runs outside the lock.
 #[derive(Debug, Clone, Copy)]
@@ -161,29 +148,51 @@ impl BlockHasher {
     }
 }
 
-impl BlockHashes {
-    pub fn len(&self) -> usize {
-        self.0.len()
+/// Backend ids to bit positions.
+struct Registry {
+    ids: [u32; MAX_BACKENDS],
+    used: u64,
+}
+
+impl Registry {
+    fn bit_of(&self, id: u32) -> Option<usize> {
+        let mut used = self.used;
+        while used != 0 {
+            let bit = used.trailing_zeros() as usize;
+            if self.ids[bit] == id {
+                return Some(bit);
+            }
+            used &= used - 1;
+        }
+        None
+    }
+
+    fn bit_or_assign(&mut self, id: u32) -> Option<usize> {
+        if let Some(bit) = self.bit_of(id) {
+            return Some(bit);
+        }
+        if self.used == u64::MAX {
+            return None;
+        }
+        let bit = (!self.used).trailing_zeros() as usize;
+        self.ids[bit] = id;
+        self.used |= 1 << bit;
+        Some(bit)
     }
 }
 
 /// Mutable part of the index; callers hold it behind one lock.
 pub struct PrefixIndex {
     hasher: BlockHasher,
-    block_bytes: usize,
     max_bytes: u64,
-    /// Allocated once with capacity `capacity`; `entries.len()` only grows up to it.
-    slab: Vec<Entry>,
-    capacity: usize,
     table: Vec<Slot>,
-    mask: usize,
-    /// Most and least recently used entries.
-    head: u32,
-    tail: u32,
-    free: u32,
-    live: usize,
-    blocks: usize,
     max_blocks: usize,
+    sample: usize,
+    hand: usize,
+    tick: u64,
+    registry: Registry,
+    blocks: usize,
+    entries: usize,
     lookups: u64,
     matched_lookups: u64,
     matched_chars: u64,
@@ -197,8 +206,8 @@ fn random_seed() -> u64 {
     RandomState::new().build_hasher().finish()
 }
 
-/// Characters (Unicode scalar values, Python's `len`) among the first `bytes` bytes of `text`:
-/// every byte that does not continue a UTF-8 sequence starts one.
+/// Characters (Unicode scalar values, Python's `len`) in `text`: every byte that does not
+/// continue a UTF-8 sequence starts one.
 fn chars_in(text: &[u8]) -> usize {
     text.iter().filter(|&&b| (b as i8) >= -0x40).count()
 }
@@ -213,6 +222,17 @@ fn byte_offset(text: &str, chars: usize) -> usize {
         .map_or(text.len(), |(offset, _)| offset)
 }
 
+fn bits(mut set: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if set == 0 {
+            return None;
+        }
+        let bit = set.trailing_zeros() as usize;
+        set &= set - 1;
+        Some(bit)
+    })
+}
+
 impl PrefixIndex {
     pub fn new(max_bytes: u64, block_bytes: usize) -> Result<Self, PrefixError> {
         Self::with_seed(max_bytes, block_bytes, random_seed())
@@ -222,30 +242,32 @@ impl PrefixIndex {
         if block_bytes == 0 || block_bytes > MAX_BLOCK_BYTES {
             return Err(PrefixError::BlockSize(block_bytes));
         }
-        let (capacity, slots) = layout(max_bytes).ok_or(PrefixError::BudgetTooSmall {
+        let too_small = PrefixError::BudgetTooSmall {
             min: min_budget(),
             got: max_bytes,
-        })?;
-        let mut slab = Vec::new();
-        slab.try_reserve_exact(capacity)
-            .map_err(|_| PrefixError::OutOfMemory(reserved_bytes(capacity, 0)))?;
-        // The slab's pages are touched only as entries arrive; the table is zeroed memory
-        // (calloc), also backed lazily.
-        let table = vec![[0u64; 2]; slots];
+        };
+        let slots = max_bytes
+            .checked_sub(FIXED_BYTES)
+            .map(|room| room / SLOT_BYTES)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|&s| s >= MIN_SLOTS)
+            .ok_or(too_small)?;
+        // Zeroed memory (calloc): pages are backed only once a block lands on them.
+        let table = vec![[0u64; 3]; slots];
         Ok(Self {
             hasher: BlockHasher { seed, block_bytes },
-            block_bytes,
             max_bytes,
-            capacity: slab.capacity().min(capacity),
-            slab,
-            mask: slots - 1,
             max_blocks: slots / 4 * 3,
             table,
-            head: NIL,
-            tail: NIL,
-            free: NIL,
-            live: 0,
+            sample: SAMPLE,
+            hand: 0,
+            tick: 0,
+            registry: Registry {
+                ids: [0; MAX_BACKENDS],
+                used: 0,
+            },
             blocks: 0,
+            entries: 0,
             lookups: 0,
             matched_lookups: 0,
             matched_chars: 0,
@@ -260,27 +282,51 @@ impl PrefixIndex {
         self.hasher
     }
 
-    /// Entries held.
+    /// (block, backend) pairs held.
     pub fn len(&self) -> usize {
-        self.live
+        self.entries
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn is_empty(&self) -> bool {
-        self.live == 0
+        self.entries == 0
     }
 
     /// Hashes of `text`'s full blocks (callers holding the index behind a lock use
     /// [`Self::hasher`] instead, before taking it).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub fn hashes(&self, text: &str) -> BlockHashes {
         self.hasher.hash(text)
     }
 
     /// For each backend holding a prefix of `text`: characters of `text` it holds (at block
-    /// granularity). Read-only except for the counters.
+    /// granularity). Changes nothing but the counters.
     pub fn match_prefix(&mut self, text: &str, hashes: &BlockHashes) -> Vec<(u32, usize)> {
-        let depths = self.match_blocks(&hashes.0);
+        let mut depth = [0usize; MAX_BACKENDS];
+        let mut alive = u64::MAX;
+        let mut reached = 0u64;
+        for (i, &hash) in hashes.0.iter().enumerate() {
+            let held = match self.find(hash) {
+                Some(slot) => self.table[slot][1] & alive,
+                None => 0,
+            };
+            for bit in bits(alive & !held & reached) {
+                depth[bit] = i;
+            }
+            reached |= held;
+            alive = held;
+            if alive == 0 {
+                break;
+            }
+        }
+        for bit in bits(alive & reached) {
+            depth[bit] = hashes.0.len();
+        }
+        let mut out: Vec<(u32, usize)> = bits(reached)
+            .map(|bit| (self.registry.ids[bit], depth[bit]))
+            .collect();
+        self.to_chars(text, &mut out);
         self.lookups += 1;
-        let out = self.to_chars(text, depths);
         if let Some(best) = out.iter().map(|&(_, c)| c).max() {
             self.matched_lookups += 1;
             self.matched_chars += best as u64;
@@ -288,103 +334,75 @@ impl PrefixIndex {
         out
     }
 
-    /// `(backend, blocks)` for each backend holding a run of leading blocks.
-    fn match_blocks(&self, hashes: &[u64]) -> Vec<(u32, usize)> {
-        let mut alive: Vec<(u32, usize)> = Vec::new();
-        let mut done: Vec<(u32, usize)> = Vec::new();
-        for (depth, &hash) in hashes.iter().enumerate() {
-            let Some(slot) = self.find(hash) else { break };
-            let head = self.head_of(slot);
-            if depth == 0 {
-                let mut e = head;
-                while e != NIL {
-                    alive.push((self.slab[e as usize].backend, 1));
-                    e = self.slab[e as usize].chain;
-                }
-                continue;
-            }
-            let mut i = 0;
-            while i < alive.len() {
-                if self.chain_find(head, alive[i].0).is_some() {
-                    alive[i].1 = depth + 1;
-                    i += 1;
-                } else {
-                    done.push(alive.swap_remove(i));
-                }
-            }
-            if alive.is_empty() {
-                break;
-            }
-        }
-        done.extend(alive);
-        done
-    }
-
-    fn to_chars(&self, text: &str, mut depths: Vec<(u32, usize)>) -> Vec<(u32, usize)> {
+    /// Turns block counts into characters of `text`.
+    fn to_chars(&self, text: &str, depths: &mut [(u32, usize)]) {
+        let block = self.hasher.block_bytes;
         let bytes = text.as_bytes();
         if bytes.is_ascii() {
-            for d in &mut depths {
-                d.1 *= self.block_bytes;
+            for d in depths.iter_mut() {
+                d.1 *= block;
             }
-            return depths;
+            return;
         }
-        // Count characters once over the longest match, stopping at each shorter one.
+        // One pass over the longest match, stopping at each shorter one.
         depths.sort_unstable_by_key(|&(_, blocks)| blocks);
         let (mut at, mut chars) = (0usize, 0usize);
-        for d in &mut depths {
-            let end = (d.1 * self.block_bytes).min(bytes.len());
+        for d in depths.iter_mut() {
+            let end = (d.1 * block).min(bytes.len());
             chars += chars_in(&bytes[at..end]);
             at = end;
             d.1 = chars;
         }
-        depths
     }
 
-    /// Records that `backend` now holds every full block of the prompt; returns entries added.
-    pub fn insert(&mut self, hashes: &BlockHashes, backend: u32) -> usize {
-        debug_assert!(backend <= MAX_BACKEND);
+    /// Records that `backend` now holds every full block of the prompt, evicting the least
+    /// recently used blocks when the table is full; returns the pairs added.
+    pub fn insert(&mut self, hashes: &BlockHashes, backend: u32) -> Result<usize, PrefixError> {
+        if backend > MAX_BACKEND_ID {
+            return Err(PrefixError::Backend(i128::from(backend)));
+        }
+        let bit = self
+            .registry
+            .bit_or_assign(backend)
+            .ok_or(PrefixError::TooManyBackends)?;
+        let mask = 1u64 << bit;
         self.inserts += 1;
+        self.tick += 1;
         let mut added = 0;
-        // Last block first, so the first block ends up most recently used.
-        for &hash in hashes.0.iter().rev() {
-            if let Some(slot) = self.find(hash) {
-                if let Some(e) = self.chain_find(self.head_of(slot), backend) {
-                    self.touch(e);
-                    continue;
-                }
-            }
-            let Some(e) = self.alloc() else { break };
+        for (depth, &hash) in hashes.0.iter().enumerate() {
+            let recency = self.recency(depth);
             let slot = match self.find(hash) {
                 Some(slot) => slot,
                 None => {
-                    while self.blocks >= self.max_blocks && self.tail != NIL {
-                        self.evict_tail();
+                    while self.blocks >= self.max_blocks {
+                        if !self.evict_one() {
+                            break;
+                        }
                     }
                     if self.blocks >= self.max_blocks {
-                        self.release(e);
                         break;
                     }
-                    self.new_slot(hash)
+                    self.claim(hash)
                 }
             };
-            let chain = self.head_of(slot);
-            self.slab[e as usize] = Entry {
-                hash,
-                backend,
-                prev: NIL,
-                next: NIL,
-                chain,
-            };
-            self.table[slot][1] = u64::from(e) + 1;
-            self.push_front(e);
-            self.live += 1;
-            added += 1;
+            let s = &mut self.table[slot];
+            if s[1] & mask == 0 {
+                s[1] |= mask;
+                added += 1;
+                // Counted at once: a later block of this prompt may evict this one.
+                self.entries += 1;
+            }
+            s[2] = recency;
         }
-        added
+        Ok(added)
+    }
+
+    fn recency(&self, depth: usize) -> u64 {
+        (self.tick << DEPTH_BITS) | (DEPTH_MAX - (depth as u64).min(DEPTH_MAX))
     }
 
     /// Feedback: `backend` reported that only the first `cached_chars` characters of the
-    /// prompt were in its cache, so it forgets the prompt's blocks past those. Returns entries
+    /// prompt were in its cache, so it forgets the prompt's blocks past those. Returns pairs
     /// dropped.
     pub fn weaken(
         &mut self,
@@ -393,58 +411,65 @@ impl PrefixIndex {
         backend: u32,
         cached_chars: usize,
     ) -> usize {
-        let keep = byte_offset(text, cached_chars) / self.block_bytes;
+        let Some(bit) = self.registry.bit_of(backend) else {
+            return 0;
+        };
+        let keep = byte_offset(text, cached_chars) / self.hasher.block_bytes;
         let mut dropped = 0;
         for &hash in hashes.0.iter().skip(keep) {
-            let Some(slot) = self.find(hash) else { continue };
-            if let Some(e) = self.chain_find(self.head_of(slot), backend) {
-                self.remove_entry(e);
-                dropped += 1;
+            if let Some(slot) = self.find(hash) {
+                dropped += self.drop_bit(slot, bit);
             }
         }
         self.weakened += dropped as u64;
         dropped
     }
 
-    /// Forgets everything `backend` holds; returns entries dropped. O(entries held).
+    /// Forgets everything `backend` holds and frees its bit; returns pairs dropped.
+    /// O(table size).
     pub fn remove_backend(&mut self, backend: u32) -> usize {
+        let Some(bit) = self.registry.bit_of(backend) else {
+            return 0;
+        };
         let mut dropped = 0;
-        for e in 0..self.slab.len() {
-            if self.slab[e].backend == backend {
-                self.remove_entry(e as u32);
-                dropped += 1;
+        let mut i = 0;
+        while i < self.table.len() {
+            // After a drop, `i` is looked at again: a deletion may have shifted a later slot
+            // into it (or one wrapped round from the start, already cleared: harmless).
+            let n = self.drop_bit(i, bit);
+            dropped += n;
+            if n == 0 {
+                i += 1;
             }
         }
+        self.registry.used &= !(1u64 << bit);
         self.removed += dropped as u64;
         dropped
     }
 
     pub fn clear(&mut self) {
-        // A fresh zeroed table instead of overwriting: the old one's pages go back to the
-        // kernel instead of all being touched. The old one is freed first, so the two never
-        // coexist.
+        // A fresh zeroed table rather than overwriting every slot: the old one's pages go back
+        // to the kernel instead of all being touched. The old one is freed first, so the two
+        // never coexist.
         let slots = self.table.len();
         self.table = Vec::new();
-        self.table = vec![[0u64; 2]; slots];
-        self.slab.clear();
-        self.head = NIL;
-        self.tail = NIL;
-        self.free = NIL;
-        self.live = 0;
+        self.table = vec![[0u64; 3]; slots];
+        self.registry.used = 0;
         self.blocks = 0;
+        self.entries = 0;
+        self.hand = 0;
     }
 
     pub fn stats(&self) -> PrefixStats {
         PrefixStats {
-            entries: self.live as u64,
+            entries: self.entries as u64,
             blocks: self.blocks as u64,
-            bytes_used: FIXED_BYTES
-                + self.live as u64 * ENTRY_BYTES
-                + self.blocks as u64 * SLOT_BYTES,
+            bytes_used: FIXED_BYTES + self.blocks as u64 * SLOT_BYTES,
             bytes_reserved: self.bytes_reserved(),
             max_bytes: self.max_bytes,
-            capacity: self.capacity as u64,
-            block_chars: self.block_bytes as u64,
+            capacity: self.max_blocks as u64,
+            block_chars: self.hasher.block_bytes as u64,
+            backends: u64::from(self.registry.used.count_ones()),
             lookups: self.lookups,
             matched_lookups: self.matched_lookups,
             matched_chars: self.matched_chars,
@@ -455,54 +480,77 @@ impl PrefixIndex {
         }
     }
 
-    /// Bytes the allocations hold, measured from their real capacities.
+    /// Bytes the allocation holds, from its real capacity.
     pub fn bytes_reserved(&self) -> u64 {
-        reserved_bytes(self.slab.capacity(), self.table.capacity())
+        reserved_bytes(self.table.capacity())
     }
 
     // --- table ---------------------------------------------------------------------------
 
-    fn head_of(&self, slot: usize) -> u32 {
-        // Slots hold head + 1 <= NIL, so this never truncates.
-        (self.table[slot][1].wrapping_sub(1)) as u32
+    /// Home slot: multiply-shift maps the uniform hash onto any table size.
+    fn home(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.table.len() as u128) >> 64) as usize
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.table.len() {
+            0
+        } else {
+            i + 1
+        }
     }
 
     fn find(&self, hash: u64) -> Option<usize> {
-        let mut i = hash as usize & self.mask;
+        let mut i = self.home(hash);
         loop {
-            let slot = self.table[i];
+            let slot = &self.table[i];
             if slot[1] == 0 {
                 return None;
             }
             if slot[0] == hash {
                 return Some(i);
             }
-            i = (i + 1) & self.mask;
+            i = self.next(i);
         }
     }
 
-    /// Claims an empty slot for `hash` (not present; `blocks < max_blocks`).
-    fn new_slot(&mut self, hash: u64) -> usize {
-        let mut i = hash as usize & self.mask;
+    /// Claims an empty slot for `hash` (absent; `blocks < max_blocks`, so one exists). The
+    /// caller sets a backend bit at once, which is what marks the slot occupied.
+    fn claim(&mut self, hash: u64) -> usize {
+        let mut i = self.home(hash);
         while self.table[i][1] != 0 {
-            i = (i + 1) & self.mask;
+            i = self.next(i);
         }
-        self.table[i] = [hash, 0];
+        self.table[i] = [hash, 0, 0];
         self.blocks += 1;
         i
     }
 
+    /// Clears `bit` in `slot`, deleting the slot when no backend is left; returns pairs dropped.
+    fn drop_bit(&mut self, slot: usize, bit: usize) -> usize {
+        let s = &mut self.table[slot];
+        if s[1] & (1u64 << bit) == 0 {
+            return 0;
+        }
+        s[1] &= !(1u64 << bit);
+        self.entries -= 1;
+        if s[1] == 0 {
+            self.delete(slot);
+        }
+        1
+    }
+
     /// Backward-shift deletion keeps every probe run unbroken without tombstones.
-    fn delete_slot(&mut self, mut hole: usize) {
+    fn delete(&mut self, mut hole: usize) {
         let mut j = hole;
         loop {
-            j = (j + 1) & self.mask;
+            j = self.next(j);
             let slot = self.table[j];
             if slot[1] == 0 {
                 break;
             }
-            let home = slot[0] as usize & self.mask;
-            // The entry at j may move back to the hole unless its home lies in (hole, j].
+            let home = self.home(slot[0]);
+            // The slot at j may move back into the hole unless its home lies in (hole, j].
             let stays = if hole <= j {
                 hole < home && home <= j
             } else {
@@ -513,140 +561,39 @@ impl PrefixIndex {
                 hole = j;
             }
         }
-        self.table[hole] = [0, 0];
+        self.table[hole] = [0, 0, 0];
         self.blocks -= 1;
     }
 
-    fn chain_find(&self, mut e: u32, backend: u32) -> Option<u32> {
-        while e != NIL {
-            let entry = &self.slab[e as usize];
-            if entry.backend == backend {
-                return Some(e);
-            }
-            e = entry.chain;
-        }
-        None
-    }
-
-    // --- slab and LRU --------------------------------------------------------------------
-
-    /// A free entry, evicting the least recently used one when the slab is full.
-    fn alloc(&mut self) -> Option<u32> {
-        if self.free == NIL {
-            if self.slab.len() < self.capacity {
-                self.slab.push(Entry {
-                    hash: 0,
-                    backend: NIL,
-                    prev: NIL,
-                    next: NIL,
-                    chain: NIL,
-                });
-                return Some((self.slab.len() - 1) as u32);
-            }
-            if self.tail == NIL {
-                return None;
-            }
-            self.evict_tail();
-        }
-        let e = self.free;
-        if e == NIL {
-            return None;
-        }
-        self.free = self.slab[e as usize].next;
-        Some(e)
-    }
-
-    fn release(&mut self, e: u32) {
-        let entry = &mut self.slab[e as usize];
-        entry.backend = NIL;
-        entry.next = self.free;
-        self.free = e;
-    }
-
-    fn evict_tail(&mut self) {
-        let e = self.tail;
-        if e != NIL {
-            self.remove_entry(e);
-            self.evictions += 1;
-        }
-    }
-
-    /// Unlinks a live entry from the LRU list and its block chain, freeing the block's slot
-    /// when it was the last backend holding it.
-    fn remove_entry(&mut self, e: u32) {
-        self.unlink(e);
-        let Entry { hash, chain, .. } = self.slab[e as usize];
-        if let Some(slot) = self.find(hash) {
-            let head = self.head_of(slot);
-            if head == e {
-                if chain == NIL {
-                    self.delete_slot(slot);
-                } else {
-                    self.table[slot][1] = u64::from(chain) + 1;
+    /// Evicts the least recent of `sample` occupied slots read from the hand on, reading on
+    /// while every slot read so far belongs to the insert in progress (so a prompt never
+    /// evicts its own blocks unless it is larger than the table). False if the table is empty.
+    fn evict_one(&mut self) -> bool {
+        let current = self.tick << DEPTH_BITS;
+        let (mut seen, mut best, mut best_recency) = (0, usize::MAX, u64::MAX);
+        let mut i = self.hand;
+        for _ in 0..self.table.len() {
+            let slot = &self.table[i];
+            if slot[1] != 0 {
+                if slot[2] < best_recency {
+                    best = i;
+                    best_recency = slot[2];
                 }
-            } else {
-                let mut p = head;
-                while p != NIL {
-                    let next = self.slab[p as usize].chain;
-                    if next == e {
-                        self.slab[p as usize].chain = chain;
-                        break;
-                    }
-                    p = next;
+                seen += 1;
+                if seen >= self.sample && best_recency < current {
+                    break;
                 }
             }
+            i = self.next(i);
         }
-        self.live -= 1;
-        self.release(e);
-    }
-
-    fn unlink(&mut self, e: u32) {
-        let Entry { prev, next, .. } = self.slab[e as usize];
-        if prev == NIL {
-            self.head = next;
-        } else {
-            self.slab[prev as usize].next = next;
+        if best == usize::MAX {
+            return false;
         }
-        if next == NIL {
-            self.tail = prev;
-        } else {
-            self.slab[next as usize].prev = prev;
-        }
-    }
-
-    fn push_front(&mut self, e: u32) {
-        let old = self.head;
-        {
-            let entry = &mut self.slab[e as usize];
-            entry.prev = NIL;
-            entry.next = old;
-        }
-        if old == NIL {
-            self.tail = e;
-        } else {
-            self.slab[old as usize].prev = e;
-        }
-        self.head = e;
-    }
-
-    fn touch(&mut self, e: u32) {
-        if self.head != e {
-            self.unlink(e);
-            self.push_front(e);
-        }
-    }
-
-    /// Backends of the entries from least to most recently used (tests).
-    #[cfg(test)]
-    fn lru_order(&self) -> Vec<(u64, u32)> {
-        let mut out = Vec::new();
-        let mut e = self.tail;
-        while e != NIL {
-            let entry = &self.slab[e as usize];
-            out.push((entry.hash, entry.backend));
-            e = entry.prev;
-        }
-        out
+        self.hand = self.next(i);
+        self.entries -= self.table[best][1].count_ones() as usize;
+        self.delete(best);
+        self.evictions += 1;
+        true
     }
 }
 
@@ -671,41 +618,42 @@ mod tests {
 
     fn insert(ix: &mut PrefixIndex, text: &str, backend: u32) -> usize {
         let h = ix.hashes(text);
-        ix.insert(&h, backend)
+        ix.insert(&h, backend).expect("insert")
     }
 
     /// Every invariant the index keeps, checked the slow way.
     fn check(ix: &PrefixIndex) {
         assert!(ix.bytes_reserved() <= ix.max_bytes, "budget exceeded");
         assert!(ix.stats().bytes_used <= ix.bytes_reserved());
-        let lru = ix.lru_order();
-        assert_eq!(lru.len(), ix.live, "LRU list and live count disagree");
-        let occupied = ix.table.iter().filter(|s| s[1] != 0).count();
-        assert_eq!(occupied, ix.blocks);
+        let occupied: Vec<usize> = (0..ix.table.len())
+            .filter(|&i| ix.table[i][1] != 0)
+            .collect();
+        assert_eq!(occupied.len(), ix.blocks);
         assert!(ix.blocks <= ix.max_blocks);
-        let mut chained = 0;
-        for (i, slot) in ix.table.iter().enumerate() {
-            if slot[1] == 0 {
-                continue;
-            }
-            assert_eq!(ix.find(slot[0]), Some(i), "slot unreachable by probing");
-            let mut e = ix.head_of(i);
-            assert_ne!(e, NIL, "empty chain in an occupied slot");
-            while e != NIL {
-                assert_eq!(ix.slab[e as usize].hash, slot[0]);
-                chained += 1;
-                e = ix.slab[e as usize].chain;
-            }
+        let pairs: usize = occupied
+            .iter()
+            .map(|&i| ix.table[i][1].count_ones() as usize)
+            .sum();
+        assert_eq!(pairs, ix.entries);
+        for &i in &occupied {
+            assert_eq!(
+                ix.find(ix.table[i][0]),
+                Some(i),
+                "slot unreachable by probing"
+            );
+            assert_eq!(
+                ix.table[i][1] & !ix.registry.used,
+                0,
+                "bit of an unregistered backend"
+            );
         }
-        assert_eq!(chained, ix.live);
     }
 
     #[test]
     fn fixed_bytes_cover_the_struct() {
-        // The struct, a parking_lot lock and atomics around it, two allocator headers.
-        assert!(size_of::<PrefixIndex>() as u64 + 64 + 2 * 16 <= FIXED_BYTES);
-        assert_eq!(ENTRY_BYTES, 24);
-        assert_eq!(SLOT_BYTES, 16);
+        // The struct, a parking_lot mutex, the glue's hash memo, one allocator header.
+        assert!(size_of::<PrefixIndex>() as u64 + 8 + 64 + 16 <= FIXED_BYTES);
+        assert_eq!(SLOT_BYTES, 24);
     }
 
     #[test]
@@ -719,6 +667,22 @@ mod tests {
             Some(PrefixError::BlockSize(0))
         );
         assert!(PrefixIndex::new(min_budget(), 64).is_ok());
+        assert!(PrefixIndex::new(min_budget() - 1, 64).is_err());
+        let mut ix = index(1 << 16);
+        let h = ix.hashes("aaaaaaaa");
+        assert_eq!(
+            ix.insert(&h, u32::MAX),
+            Err(PrefixError::Backend(4294967295))
+        );
+    }
+
+    #[test]
+    fn the_whole_budget_is_one_table() {
+        for budget in [min_budget(), 10_000, 1 << 20, 64 << 20] {
+            let ix = index(budget);
+            assert!(ix.bytes_reserved() <= budget);
+            assert!(budget - ix.bytes_reserved() < SLOT_BYTES);
+        }
     }
 
     #[test]
@@ -729,9 +693,12 @@ mod tests {
         assert_eq!(matches(&mut ix, text), vec![(1, 24)]);
         // Diverges inside block 2: blocks 0 and 1 match.
         assert_eq!(matches(&mut ix, "aaaaaaaabbbbbbbbcccXcccc"), vec![(1, 16)]);
-        // Longer prompt extending it matches the three indexed blocks.
-        assert_eq!(matches(&mut ix, "aaaaaaaabbbbbbbbccccccccddddddddeeee"), vec![(1, 24)]);
-        // Shorter than one block, or different first block: nothing.
+        // A longer prompt extending it matches the three indexed blocks.
+        assert_eq!(
+            matches(&mut ix, "aaaaaaaabbbbbbbbccccccccddddddddeeee"),
+            vec![(1, 24)]
+        );
+        // Shorter than one block, or a different first block: nothing.
         assert_eq!(matches(&mut ix, "aaaa"), vec![]);
         assert_eq!(matches(&mut ix, "Xaaaaaaabbbbbbbb"), vec![]);
         // Re-inserting adds nothing.
@@ -745,7 +712,7 @@ mod tests {
         insert(&mut ix, "aaaaaaaabbbbbbbb", 1);
         // Same second block behind a different first block: no match at all.
         assert_eq!(matches(&mut ix, "zzzzzzzzbbbbbbbb"), vec![]);
-        // Block content equal at another position does not match either.
+        // Equal block content at another position does not match either.
         assert_eq!(matches(&mut ix, "bbbbbbbbaaaaaaaa"), vec![]);
         let h1 = ix.hashes("aaaaaaaabbbbbbbb");
         let h2 = ix.hashes("zzzzzzzzbbbbbbbb");
@@ -771,6 +738,7 @@ mod tests {
         assert_eq!((s.lookups, s.matched_lookups, s.matched_chars), (2, 2, 64));
         assert_eq!(s.entries, 4 + 4 + 2);
         assert_eq!(s.blocks, 2 + 2 + 2);
+        assert_eq!(s.backends, 3);
         check(&ix);
     }
 
@@ -780,11 +748,11 @@ mod tests {
         let text = "aaaaaaaabbbbbbbbcccccccc";
         insert(&mut ix, text, 1);
         insert(&mut ix, text, 2);
-        // Take block 1 away from backend 2 only.
+        // Take block 1 away from backend 2 only: its block 2 is then never matched.
         let h = ix.hashes(text);
         let slot = ix.find(h.0[1]).expect("block 1 indexed");
-        let e = ix.chain_find(ix.head_of(slot), 2).expect("backend 2 holds it");
-        ix.remove_entry(e);
+        let bit = ix.registry.bit_of(2).expect("registered");
+        assert_eq!(ix.drop_bit(slot, bit), 1);
         assert_eq!(matches(&mut ix, text), vec![(1, 24), (2, 8)]);
         check(&ix);
     }
@@ -795,63 +763,60 @@ mod tests {
         // "é" is two bytes: 26 bytes, 3 full blocks = 8 "é" + 8 digits.
         let text = "éééééééé0123456789";
         insert(&mut ix, text, 4);
-        assert_eq!(matches(&mut ix, text), vec![(4, 8 + 8)]);
+        insert(&mut ix, "éééééééé", 5);
+        assert_eq!(matches(&mut ix, text), vec![(4, 16), (5, 8)]);
     }
 
     #[test]
-    fn evicts_least_recently_used_and_deepest_first() {
-        let mut ix = index(1 << 16);
-        insert(&mut ix, "aaaaaaaabbbbbbbb", 1);
-        insert(&mut ix, "ccccccccdddddddd", 2);
-        let order: Vec<u32> = ix.lru_order().iter().map(|&(_, b)| b).collect();
-        assert_eq!(order, vec![1, 1, 2, 2]);
-        let h = ix.hashes("aaaaaaaabbbbbbbb");
-        // The deeper block of the older prompt is the first victim, then its first block.
-        assert_eq!(ix.lru_order()[0].0, h.0[1]);
-        assert_eq!(ix.lru_order()[1].0, h.0[0]);
-        // Touching backend 1's prompt again makes backend 2's the oldest.
-        insert(&mut ix, "aaaaaaaabbbbbbbb", 1);
-        let order: Vec<u32> = ix.lru_order().iter().map(|&(_, b)| b).collect();
-        assert_eq!(order, vec![2, 2, 1, 1]);
-        ix.evict_tail();
-        assert_eq!(matches(&mut ix, "ccccccccdddddddd"), vec![(2, 8)]);
-        ix.evict_tail();
-        assert_eq!(matches(&mut ix, "ccccccccdddddddd"), vec![]);
-        assert_eq!(matches(&mut ix, "aaaaaaaabbbbbbbb"), vec![(1, 16)]);
-        assert_eq!(ix.stats().evictions, 2);
-        check(&ix);
-    }
-
-    #[test]
-    fn a_full_index_evicts_the_oldest_prompt_for_a_new_one() {
-        let mut ix = index(min_budget() + 4 * ENTRY_BYTES);
-        let room = ix.capacity.min(ix.max_blocks);
-        assert!(room >= 4);
-        let prompt = |i: usize| format!("{i:08}");
-        for i in 0..room {
+    fn eviction_takes_the_least_recent_prompt_deepest_block_first() {
+        let mut ix = index(min_budget());
+        ix.sample = usize::MAX; // exact LRU, to test the order
+        let room = ix.max_blocks; // 12
+        assert_eq!(room, 12);
+        let prompt = |i: usize| format!("{i:08}{i:08}{i:08}");
+        for i in 0..4 {
             insert(&mut ix, &prompt(i), 1);
         }
-        assert!((0..room).all(|i| matches(&mut ix, &prompt(i)) == vec![(1, 8)]));
-        assert_eq!(ix.stats().evictions, 0);
-        // Prompt 0 is read again by an insert, so prompt 1 is now the oldest.
+        // Prompt 0 is inserted again (for backend 2), so prompt 1 is now the oldest.
         insert(&mut ix, &prompt(0), 2);
-        insert(&mut ix, &prompt(0), 1);
+        assert_eq!(ix.stats().evictions, 0);
         insert(&mut ix, "newest..", 1);
-        assert_eq!(matches(&mut ix, "newest.."), vec![(1, 8)]);
-        assert_eq!(matches(&mut ix, &prompt(0)), vec![(1, 8), (2, 8)]);
+        // One block had to go: prompt 1's deepest.
+        assert_eq!(ix.stats().evictions, 1);
+        assert_eq!(matches(&mut ix, &prompt(1)), vec![(1, 16)]);
+        insert(&mut ix, "newer...newer...", 3);
         assert_eq!(matches(&mut ix, &prompt(1)), vec![]);
-        assert_eq!(matches(&mut ix, &prompt(2)), vec![(1, 8)]);
-        assert!(ix.stats().evictions >= 1);
+        assert_eq!(matches(&mut ix, &prompt(2)), vec![(1, 24)]);
+        assert_eq!(matches(&mut ix, &prompt(0)), vec![(1, 24), (2, 24)]);
+        assert_eq!(matches(&mut ix, "newest.."), vec![(1, 8)]);
         check(&ix);
     }
 
     #[test]
-    fn a_prompt_larger_than_the_index_keeps_its_first_blocks() {
+    fn a_prompt_larger_than_the_index_keeps_a_prefix() {
         let mut ix = index(min_budget());
-        let room = ix.capacity.min(ix.max_blocks);
+        let room = ix.max_blocks;
         let text: String = (0..room * 3).map(|i| format!("{i:08}")).collect();
         insert(&mut ix, &text, 9);
-        assert_eq!(matches(&mut ix, &text), vec![(9, room * B)]);
+        // Once the table is full of its own blocks, each new one evicts the deepest so far:
+        // all but one slot keep the prompt's first blocks.
+        assert_eq!(matches(&mut ix, &text), vec![(9, (room - 1) * B)]);
+        check(&ix);
+    }
+
+    #[test]
+    fn too_many_backends_is_an_error_until_one_is_removed() {
+        let mut ix = index(1 << 20);
+        let h = ix.hashes("aaaaaaaa");
+        for b in 0..MAX_BACKENDS as u32 {
+            ix.insert(&h, b * 10).expect("room for 64");
+        }
+        assert_eq!(ix.insert(&h, 7), Err(PrefixError::TooManyBackends));
+        assert_eq!(ix.remove_backend(30), 1);
+        assert_eq!(ix.insert(&h, 7), Ok(1));
+        let m = matches(&mut ix, "aaaaaaaa");
+        assert_eq!(m.len(), MAX_BACKENDS);
+        assert!(m.contains(&(7, 8)) && !m.contains(&(30, 8)));
         check(&ix);
     }
 
@@ -864,14 +829,34 @@ mod tests {
         insert(&mut ix, "zzzzzzzz", 2);
         assert_eq!(ix.remove_backend(2), 4);
         assert_eq!(ix.remove_backend(2), 0);
+        assert_eq!(ix.remove_backend(99), 0);
         assert_eq!(matches(&mut ix, text), vec![(1, 24)]);
         assert_eq!(matches(&mut ix, "zzzzzzzz"), vec![]);
         assert_eq!(ix.stats().removed, 4);
+        assert_eq!(ix.stats().blocks, 3);
         check(&ix);
-        // Freed entries are reused.
-        assert_eq!(ix.slab.len(), 7);
-        insert(&mut ix, "yyyyyyyy", 3);
-        assert_eq!(ix.slab.len(), 7);
+    }
+
+    #[test]
+    fn remove_backend_on_a_crowded_table() {
+        // Many deletions in long probe runs, including runs wrapping round the end.
+        let mut ix = index(min_budget() + 200 * SLOT_BYTES);
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..300 {
+            let t: String = (0..4)
+                .map(|_| format!("{:08}", rng.random_range(0..10_000)))
+                .collect();
+            insert(&mut ix, &t, rng.random_range(0..3));
+        }
+        check(&ix);
+        let before = ix.stats().entries;
+        let dropped = ix.remove_backend(1);
+        assert!(dropped > 0);
+        assert_eq!(ix.stats().entries, before - dropped as u64);
+        assert!(ix
+            .table
+            .iter()
+            .all(|s| s[1] & 0b10 == 0 || ix.registry.bit_of(1).is_none()));
         check(&ix);
     }
 
@@ -885,9 +870,10 @@ mod tests {
         // Backend 1 had only 19 characters cached: keep 2 full blocks.
         assert_eq!(ix.weaken(text, &h, 1, 19), 2);
         assert_eq!(matches(&mut ix, text), vec![(1, 16), (2, 32)]);
-        // Nothing cached: forget the whole prompt for backend 2; confirmed past the end: no-op.
+        // Nothing cached: forget the whole prompt for backend 2; past the end: no-op.
         assert_eq!(ix.weaken(text, &h, 2, 0), 4);
         assert_eq!(ix.weaken(text, &h, 1, 1000), 0);
+        assert_eq!(ix.weaken(text, &h, 42, 0), 0);
         assert_eq!(matches(&mut ix, text), vec![(1, 16)]);
         assert_eq!(ix.stats().weakened, 6);
         check(&ix);
@@ -926,7 +912,11 @@ mod tests {
             assert!(reserved <= budget);
             // Prompts from a few "system prompts" extended by random turns, as in chat.
             let roots: Vec<String> = (0..6)
-                .map(|r| (0..rng.random_range(1..6)).map(|i| format!("r{r}b{i:05}")).collect())
+                .map(|r| {
+                    (0..rng.random_range(1..6))
+                        .map(|i| format!("r{r}b{i:05}"))
+                        .collect()
+                })
                 .collect();
             for step in 0..3_000 {
                 let root = &roots[rng.random_range(0..roots.len())];
@@ -945,17 +935,16 @@ mod tests {
                         ix.weaken(&text, &h, backend, cached);
                     }
                     2..=9 => {
-                        let m = matches(&mut ix, &text);
-                        for (b, chars) in m {
+                        for (b, chars) in matches(&mut ix, &text) {
                             assert!(b < 5 && chars % B == 0 && chars <= text.len());
                         }
                     }
                     _ => {
                         insert(&mut ix, &text, backend);
-                        // What was just inserted is matched (unless the index is smaller
-                        // than the prompt).
+                        // The prompt just inserted is matched whole when the table has room
+                        // for it beside what its own insert could not evict.
                         let full = text.len() / B * B;
-                        if full / B <= ix.capacity.min(ix.max_blocks) && full > 0 {
+                        if full > 0 && 2 * full / B <= ix.max_blocks {
                             let m = matches(&mut ix, &text);
                             assert!(m.contains(&(backend, full)), "lost a fresh insert: {m:?}");
                         }
