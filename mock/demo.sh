@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The body of `make demo`: two mock LLM backends (:8001 mock-a, :8002 mock-b) and the NTONIX gateway on
-# :8080 in front of them, with the curl lines to try. Run from the repo root with .venv/bin on PATH and the
+# The body of `make demo`: two mock LLM backends serving different models (:8001 mock-a with
+# llama-3.1-8b; :8002 mock-b with qwen2.5-coder and bge-small) and the NTONIX gateway on :8080 in front
+# of them, with the curl lines to try. Run from the repo root with .venv/bin on PATH and the
 # package installed (the Makefile does both). Ctrl-C (or SIGTERM to this script) stops everything: the
 # gateway and the mocks are stopped by PID whenever this script exits, however it exits.
 set -euo pipefail
@@ -8,6 +9,8 @@ set -euo pipefail
 GATEWAY_PORT=8080
 MOCK_PORTS=(8001 8002)
 MOCK_NAMES=(mock-a mock-b)
+# Per mock, its --model options (space-separated; the first is its default model).
+MOCK_MODELS=("llama-3.1-8b" "qwen2.5-coder bge-small")
 HEALTH_DEADLINE_SECONDS=20
 
 if ! command -v ntonix >/dev/null 2>&1; then
@@ -41,7 +44,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 for i in "${!MOCK_PORTS[@]}"; do
-    "${MOCK[@]}" --host 127.0.0.1 --port "${MOCK_PORTS[$i]}" --name "${MOCK_NAMES[$i]}" --token-rate 20 &
+    model_args=()
+    for model in ${MOCK_MODELS[$i]}; do
+        model_args+=(--model "$model")
+    done
+    "${MOCK[@]}" --host 127.0.0.1 --port "${MOCK_PORTS[$i]}" --name "${MOCK_NAMES[$i]}" --token-rate 20 \
+        "${model_args[@]}" &
     mock_pids+=("$!")
 done
 
@@ -65,20 +73,28 @@ url="http://localhost:$GATEWAY_PORT"
 json="-H 'Content-Type: application/json'"
 cat <<EOF
 
-Mock backends up: ${MOCK_NAMES[0]} on :${MOCK_PORTS[0]}, ${MOCK_NAMES[1]} on :${MOCK_PORTS[1]}.
+Mock backends up: ${MOCK_NAMES[0]} on :${MOCK_PORTS[0]} (${MOCK_MODELS[0]}), ${MOCK_NAMES[1]} on :${MOCK_PORTS[1]} (${MOCK_MODELS[1]// /, }).
 Starting the NTONIX gateway on :$GATEWAY_PORT (Ctrl-C stops everything). Try, from another terminal:
 
-  # a chat completion (system_fingerprint says which backend answered)
-  curl -s $url/v1/chat/completions $json \\
-       -d '{"model":"mock-model","messages":[{"role":"user","content":"Hello, NTONIX!"}]}'
+  # the models the cluster serves
+  curl -s $url/v1/models
 
-  # the same, streamed token by token
+  # a chat to each model (system_fingerprint says which backend answered)
+  curl -s $url/v1/chat/completions $json \\
+       -d '{"model":"llama-3.1-8b","messages":[{"role":"user","content":"Hello, NTONIX!"}]}'
+  curl -s $url/v1/chat/completions $json \\
+       -d '{"model":"qwen2.5-coder","messages":[{"role":"user","content":"Write a Python haiku"}]}'
+
+  # an embedding
+  curl -s $url/v1/embeddings $json -d '{"model":"bge-small","input":["first text","second text"]}'
+
+  # a chat streamed token by token
   curl -sN $url/v1/chat/completions $json \\
-       -d '{"model":"mock-model","messages":[{"role":"user","content":"Stream, please"}],"stream":true}'
+       -d '{"model":"llama-3.1-8b","messages":[{"role":"user","content":"Stream, please"}],"stream":true}'
 
   # one request twice: the first is a cache MISS, the second a HIT
   for i in 1 2; do curl -s -o /dev/null -D - $url/v1/chat/completions $json \\
-       -d '{"model":"mock-model","messages":[{"role":"user","content":"Cache me"}]}' | grep -i '^x-cache'; done
+       -d '{"model":"llama-3.1-8b","messages":[{"role":"user","content":"Cache me"}]}' | grep -i '^x-cache'; done
 
   curl -s $url/health
   curl -s $url/metrics

@@ -202,8 +202,10 @@ def test_parse_backend(spec: str, expected: tuple[str, int, int]) -> None:
         "::1:80",
         "[::1]80",
         "a:1:2:3",
-        "http://a:1",
+        "ftp://a:1",
+        "http://",
         "a b:1",
+        "http//localhost:1",
     ],
 )
 def test_parse_backend_rejects(spec: str) -> None:
@@ -237,7 +239,7 @@ def test_wrong_type(tmp_path: Path) -> None:
     )
     assert "cache.enabled: expected true or false" in error_of(tmp_path, {"cache": {"enabled": "yes"}})
     assert "server: expected an object, got null" in error_of(tmp_path, {"server": None})
-    assert "backends[0].port: required key missing" in error_of(tmp_path, {"backends": [{"host": "a"}]})
+    assert "backends[0]: needs host and port, or url" in error_of(tmp_path, {"backends": [{"host": "a"}]})
 
 
 def test_port_out_of_range(tmp_path: Path) -> None:
@@ -260,7 +262,7 @@ def test_port_out_of_range(tmp_path: Path) -> None:
             "logging",
             "level",
             "verbose",
-            'expected one of debug, info, warning, error, critical, got "verbose"',
+            'expected one of trace, debug, info, warn, warning, error, critical, got "verbose"',
         ),
         ("logging", "format", "xml", 'expected one of text, json, got "xml"'),
         ("health_check", "unhealthy_threshold", 0, "expected an integer >= 1, got 0"),
@@ -325,7 +327,7 @@ def test_invalid_json(tmp_path: Path) -> None:
         ),
         ("NTONIX_BACKENDS", ",", "invalid environment variable NTONIX_BACKENDS"),
         ("NTONIX_PORT", "0", "server.port: expected an integer in 1..65535, got 0 (from NTONIX_PORT)"),
-        ("NTONIX_LOG_LEVEL", "loud", "logging.level: expected one of debug"),
+        ("NTONIX_LOG_LEVEL", "loud", "logging.level: expected one of trace, debug"),
     ],
 )
 def test_bad_env_names_the_variable(tmp_path: Path, name: str, value: str, expected: str) -> None:

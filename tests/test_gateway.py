@@ -173,6 +173,9 @@ class RawBackend:
                         b'content-length: 15\r\n\r\n{"status":"ok"}'
                     )
                     continue
+                if head.startswith(b"GET "):  # model discovery: this backend has no model list
+                    conn.sendall(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    continue
                 with self._lock:
                     self.requests.append(head + b"\r\n\r\n" + body)
                 self.behaviour(conn)
@@ -219,9 +222,15 @@ def test_index_has_exactly_the_spec_shape(gateway: Any) -> None:
     assert isinstance(document["description"], str) and document["description"]
     assert document["endpoints"] == {
         "health": "/health",
+        "ready": "/ready",
         "metrics": "/metrics",
         "cache_stats": "/cache/stats",
         "chat_completions": "/v1/chat/completions",
+        "completions": "/v1/completions",
+        "embeddings": "/v1/embeddings",
+        "responses": "/v1/responses",
+        "models": "/v1/models",
+        "dashboard": "/dashboard",
     }
 
 
@@ -492,7 +501,7 @@ def test_json_content_type_with_parameters_is_accepted(gateway: Any, backend: HT
     assert response.content == FIXED_ANSWER
 
 
-@pytest.mark.parametrize("path", ["/nope", "/v1/completions", "/v1/chat/completions/extra", "/metricsx"])
+@pytest.mark.parametrize("path", ["/nope", "/v2/chat/completions", "/v1", "/metricsx"])
 def test_unknown_path_is_404(gateway: Any, path: str) -> None:
     for method in ("GET", "POST"):
         response = httpx.request(method, gateway.url + path, json=chat_body(), timeout=5.0)

@@ -56,7 +56,7 @@ def test_text_lines(tmp_path: Path) -> None:
     assert re.fullmatch(rf"{TS} INFO ntonix: hello world", app)
     assert re.fullmatch(
         rf"{TS} INFO ntonix\.access: access id=r1 method=POST path=/v1/chat/completions "
-        r"backend=127\.0\.0\.1:8001 status=200 cache=MISS bytes=612 latency_ms=1\.23 ttfb_ms=0\.80",
+        r"backend=127\.0\.0\.1:8001 model=- status=200 cache=MISS bytes=612 latency_ms=1\.23 ttfb_ms=0\.80",
         access,
     )
 
@@ -93,6 +93,7 @@ def test_json_lines_parse(tmp_path: Path) -> None:
         "method": "POST",
         "path": "/v1/chat/completions",
         "backend": "",
+        "model": None,
         "status": 200,
         "cache": "HIT",
         "bytes": 612,

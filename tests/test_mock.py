@@ -27,6 +27,8 @@ import openai
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# One client for every call: a new httpx client per request builds an SSL context, ~0.2 s on a busy machine.
+HTTP = httpx.Client(timeout=10)
 
 
 def free_port() -> int:
@@ -69,16 +71,16 @@ class Mock:
         def up() -> bool:
             if self.popen.poll() is not None:
                 raise AssertionError(f"mock exited early ({self.popen.returncode}):\n{self.log()}")
-            return httpx.get(self.url + "/health", timeout=1.0).status_code == 200
+            return HTTP.get(self.url + "/health", timeout=1.0).status_code == 200
 
         wait_for(up, timeout, f"{self.url}/health")
         return self
 
     def stats(self) -> dict[str, Any]:
-        return httpx.get(self.url + "/mock/stats", timeout=5).json()  # type: ignore[no-any-return]
+        return HTTP.get(self.url + "/mock/stats", timeout=5).json()  # type: ignore[no-any-return]
 
     def reset(self) -> None:
-        httpx.post(self.url + "/mock/reset", timeout=5).raise_for_status()
+        HTTP.post(self.url + "/mock/reset", timeout=5).raise_for_status()
 
     def kill(self) -> None:
         if self.popen.poll() is None:
@@ -158,7 +160,7 @@ def read_events(response: httpx.Response) -> list[tuple[float, str]]:
 
 
 def stream_events(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> list[str]:
-    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=10) as r:
+    with HTTP.stream("POST", url + "/v1/chat/completions", json=body, headers=headers, timeout=10) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         return [data for _, data in read_events(r)]
@@ -168,9 +170,9 @@ def stream_events(url: str, body: dict[str, Any], headers: dict[str, str] | None
 
 
 def test_non_streaming_shape_and_determinism(mock: Mock) -> None:
-    first = httpx.post(mock.url + "/v1/chat/completions", json=chat("say something nice"), timeout=5)
-    second = httpx.post(mock.url + "/v1/chat/completions", json=chat("say something nice"), timeout=5)
-    other = httpx.post(mock.url + "/v1/chat/completions", json=chat("something else"), timeout=5)
+    first = HTTP.post(mock.url + "/v1/chat/completions", json=chat("say something nice"), timeout=5)
+    second = HTTP.post(mock.url + "/v1/chat/completions", json=chat("say something nice"), timeout=5)
+    other = HTTP.post(mock.url + "/v1/chat/completions", json=chat("something else"), timeout=5)
     assert first.status_code == 200 and first.headers["content-type"] == "application/json"
     assert first.headers["x-mock-name"] == "mock-shared"
     body = first.json()
@@ -193,7 +195,7 @@ def test_non_streaming_shape_and_determinism(mock: Mock) -> None:
 def test_tokens_header_cuts_or_pads_and_max_tokens_caps(mock: Mock) -> None:
     def content(headers: dict[str, str], **extra: Any) -> tuple[str, str]:
         body = chat("one two three four five", **extra)
-        answer = httpx.post(mock.url + "/v1/chat/completions", json=body, headers=headers, timeout=5).json()
+        answer = HTTP.post(mock.url + "/v1/chat/completions", json=body, headers=headers, timeout=5).json()
         return answer["choices"][0]["message"]["content"], answer["choices"][0]["finish_reason"]
 
     assert content({"X-Mock-Tokens": "3"}) == ("Echo: one two", "stop")
@@ -204,7 +206,7 @@ def test_tokens_header_cuts_or_pads_and_max_tokens_caps(mock: Mock) -> None:
 
 
 def test_streaming_chunks_parse_and_end_with_done(mock: Mock) -> None:
-    expected = httpx.post(mock.url + "/v1/chat/completions", json=chat("stream me"), timeout=5).json()
+    expected = HTTP.post(mock.url + "/v1/chat/completions", json=chat("stream me"), timeout=5).json()
     events = stream_events(mock.url, chat("stream me", stream=True))
     assert events[-1] == "[DONE]"
     chunks = [json.loads(data) for data in events[:-1]]
@@ -235,7 +237,7 @@ def test_token_rate_spaces_chunks(mock: Mock) -> None:
     rate, tokens = 20.0, 8  # one token every 50 ms
     headers = {"X-Mock-Token-Rate": str(rate), "X-Mock-Tokens": str(tokens)}
     body = chat("pace", stream=True)
-    with httpx.stream("POST", mock.url + "/v1/chat/completions", json=body, headers=headers, timeout=10) as r:
+    with HTTP.stream("POST", mock.url + "/v1/chat/completions", json=body, headers=headers, timeout=10) as r:
         events = read_events(r)
     token_times = [
         t for t, data in events if data != "[DONE]" and "content" in json.loads(data)["choices"][0]["delta"]
@@ -249,7 +251,7 @@ def test_token_rate_spaces_chunks(mock: Mock) -> None:
 
     # A non-streamed answer arrives when the stream would have ended.
     started = time.monotonic()
-    httpx.post(mock.url + "/v1/chat/completions", json=chat("pace"), headers=headers, timeout=10)
+    HTTP.post(mock.url + "/v1/chat/completions", json=chat("pace"), headers=headers, timeout=10)
     assert time.monotonic() - started >= 0.9 * (tokens - 1) / rate
 
     # Rate 0 means as fast as possible: the same stream takes a fraction of that time.
@@ -260,10 +262,10 @@ def test_token_rate_spaces_chunks(mock: Mock) -> None:
 
 def test_latency_header_delays_first_byte(mock: Mock) -> None:
     started = time.monotonic()
-    fast = httpx.post(mock.url + "/v1/chat/completions", json=chat(), timeout=5)
+    fast = HTTP.post(mock.url + "/v1/chat/completions", json=chat(), timeout=5)
     fast_elapsed = time.monotonic() - started
     started = time.monotonic()
-    slow = httpx.post(
+    slow = HTTP.post(
         mock.url + "/v1/chat/completions", json=chat(), headers={"X-Mock-Latency-Ms": "400"}, timeout=5
     )
     slow_elapsed = time.monotonic() - started
@@ -273,7 +275,7 @@ def test_latency_header_delays_first_byte(mock: Mock) -> None:
 
     body = chat(stream=True)
     started = time.monotonic()
-    with httpx.stream(
+    with HTTP.stream(
         "POST", mock.url + "/v1/chat/completions", json=body, headers={"X-Mock-Latency-Ms": "300"}, timeout=5
     ) as r:
         headers_at = time.monotonic() - started
@@ -284,13 +286,13 @@ def test_latency_header_delays_first_byte(mock: Mock) -> None:
 
 def test_cli_options_set_defaults(mocks: Mocks) -> None:
     mock = mocks.start("--name", "custom", "--model", "my-model", "--tokens", "5", "--latency-ms", "300")
-    models = httpx.get(mock.url + "/v1/models", timeout=5).json()
+    models = HTTP.get(mock.url + "/v1/models", timeout=5).json()
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == ["my-model"]
     assert models["data"][0]["object"] == "model"
     started = time.monotonic()
     body = {"messages": [{"role": "user", "content": "hi"}]}
-    answer = httpx.post(mock.url + "/v1/chat/completions", json=body, timeout=5).json()
+    answer = HTTP.post(mock.url + "/v1/chat/completions", json=body, timeout=5).json()
     assert time.monotonic() - started >= 0.3
     assert answer["model"] == "my-model"  # no model in the request: the mock's own
     assert answer["system_fingerprint"] == "custom"
@@ -299,7 +301,7 @@ def test_cli_options_set_defaults(mocks: Mocks) -> None:
 
 def test_default_name_is_mock_port(mocks: Mocks) -> None:
     mock = mocks.start()
-    answer = httpx.post(mock.url + "/v1/chat/completions", json=chat(), timeout=5).json()
+    answer = HTTP.post(mock.url + "/v1/chat/completions", json=chat(), timeout=5).json()
     assert answer["system_fingerprint"] == f"mock-{mock.port}"
 
 
@@ -309,7 +311,7 @@ def test_default_name_is_mock_port(mocks: Mocks) -> None:
 @pytest.mark.parametrize(("status", "kind"), [(500, "server_error"), (503, "server_error"), (429, None)])
 @pytest.mark.parametrize("stream", [False, True])
 def test_forced_status(mock: Mock, status: int, kind: str | None, stream: bool) -> None:
-    response = httpx.post(
+    response = HTTP.post(
         mock.url + "/v1/chat/completions",
         json=chat(stream=stream),
         headers={"X-Mock-Status": str(status)},
@@ -324,21 +326,20 @@ def test_forced_status(mock: Mock, status: int, kind: str | None, stream: bool) 
 
 def test_bad_json_and_bad_headers_are_400(mock: Mock) -> None:
     for body in (b"{not json", b"[1, 2]", b'{"messages": "hello"}', b""):
-        response = httpx.post(mock.url + "/v1/chat/completions", content=body, timeout=5)
+        response = HTTP.post(mock.url + "/v1/chat/completions", content=body, timeout=5)
         assert response.status_code == 400, body
         assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["message"].startswith("invalid chat request: ")
     for name, value in [("X-Mock-Tokens", "many"), ("X-Mock-Latency-Ms", "-5"), ("X-Mock-Status", "302")]:
-        response = httpx.post(
-            mock.url + "/v1/chat/completions", json=chat(), headers={name: value}, timeout=5
-        )
+        response = HTTP.post(mock.url + "/v1/chat/completions", json=chat(), headers={name: value}, timeout=5)
         assert response.status_code == 400, name
         assert name.lower() in response.json()["error"]["message"]
 
 
 def test_unknown_path_and_wrong_method(mock: Mock) -> None:
-    missing = httpx.get(mock.url + "/nope", timeout=5)
+    missing = HTTP.get(mock.url + "/nope", timeout=5)
     assert missing.status_code == 404 and "error" in missing.json()
-    wrong = httpx.get(mock.url + "/v1/chat/completions", timeout=5)
+    wrong = HTTP.get(mock.url + "/v1/chat/completions", timeout=5)
     assert wrong.status_code == 405 and "error" in wrong.json()
 
 
@@ -346,7 +347,7 @@ def test_abort_after_drops_the_connection_mid_stream(mock: Mock) -> None:
     received: list[str] = []
     with (
         pytest.raises(httpx.RemoteProtocolError),
-        httpx.stream(
+        HTTP.stream(
             "POST",
             mock.url + "/v1/chat/completions",
             json=chat(stream=True),
@@ -368,7 +369,7 @@ def test_abort_after_drops_the_connection_mid_stream(mock: Mock) -> None:
 
     # Non-streaming: headers and the first bytes of the JSON, then the connection drops.
     with pytest.raises(httpx.RemoteProtocolError):
-        httpx.post(mock.url + "/v1/chat/completions", json=chat(), headers={"X-Mock-Abort-After": "10"})
+        HTTP.post(mock.url + "/v1/chat/completions", json=chat(), headers={"X-Mock-Abort-After": "10"})
     assert mock.stats()["aborted"] == 3
 
 
@@ -395,7 +396,7 @@ def test_client_disconnect_mid_stream_counts_as_cancelled(mock: Mock) -> None:
 
 def test_hang_never_answers_until_the_client_leaves(mock: Mock) -> None:
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(mock.url + "/v1/chat/completions", json=chat(), headers={"X-Mock-Hang": "1"}, timeout=0.5)
+        HTTP.post(mock.url + "/v1/chat/completions", json=chat(), headers={"X-Mock-Hang": "1"}, timeout=0.5)
     stats = wait_for(lambda: (s := mock.stats())["requests_cancelled"] == 1 and s, 5, "hang noticed")
     assert stats["in_flight"] == 0
 
@@ -404,18 +405,18 @@ def test_hang_never_answers_until_the_client_leaves(mock: Mock) -> None:
 
 
 def test_health_can_be_set_and_stats_reset(mock: Mock) -> None:
-    assert httpx.get(mock.url + "/health", timeout=5).json() == {"status": "ok"}
+    assert HTTP.get(mock.url + "/health", timeout=5).json() == {"status": "ok"}
     try:
-        assert httpx.post(mock.url + "/mock/health", json={"status": 503}, timeout=5).status_code == 200
-        unhealthy = httpx.get(mock.url + "/health", timeout=5)
+        assert HTTP.post(mock.url + "/mock/health", json={"status": 503}, timeout=5).status_code == 200
+        unhealthy = HTTP.get(mock.url + "/health", timeout=5)
         assert unhealthy.status_code == 503
-        assert httpx.post(mock.url + "/mock/health", json={"status": "bad"}, timeout=5).status_code == 400
+        assert HTTP.post(mock.url + "/mock/health", json={"status": "bad"}, timeout=5).status_code == 400
     finally:
-        httpx.post(mock.url + "/mock/health", json={"status": 200}, timeout=5)
-    assert httpx.get(mock.url + "/health", timeout=5).status_code == 200
+        HTTP.post(mock.url + "/mock/health", json={"status": 200}, timeout=5)
+    assert HTTP.get(mock.url + "/health", timeout=5).status_code == 200
 
     raw = b'{"messages": [{"role": "user", "content": "inspect me"}]}'
-    httpx.post(mock.url + "/v1/chat/completions", content=raw, headers={"X-Trace": "abc"}, timeout=5)
+    HTTP.post(mock.url + "/v1/chat/completions", content=raw, headers={"X-Trace": "abc"}, timeout=5)
     stats = mock.stats()
     assert stats["requests"] == 4  # three /health and one chat; admin calls are not counted
     assert stats["health_requests"] == 3 and stats["chat_requests"] == 1
@@ -462,7 +463,7 @@ def test_sigterm_exits_zero_promptly_with_requests_in_flight(mocks: Mocks) -> No
 
     def call(headers: dict[str, str], stream: bool) -> None:
         try:
-            with httpx.stream(
+            with HTTP.stream(
                 "POST",
                 mock.url + "/v1/chat/completions",
                 json=chat(stream=stream),

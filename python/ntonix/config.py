@@ -14,36 +14,48 @@ Relative paths (certificates) are resolved against the working directory.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple, TypeAlias, cast
 
 import msgspec
 
 __all__ = [
+    "ApiKeyConfig",
+    "AuthConfig",
     "BackendConfig",
     "CacheConfig",
     "CircuitBreakerConfig",
     "ConfigError",
     "HealthCheckConfig",
     "LoggingConfig",
+    "ModelsConfig",
     "ProxyConfig",
+    "RoutingConfig",
     "ServerConfig",
     "Settings",
     "SslConfig",
     "load_settings",
     "load_settings_with_sources",
     "parse_backend",
+    "parse_url",
     "settings_to_dict",
+    "valid_host",
 ]
 
-LogLevel: TypeAlias = Literal["debug", "info", "warning", "error", "critical"]
+LogLevel: TypeAlias = Literal["trace", "debug", "info", "warn", "warning", "error", "critical"]
+Policy: TypeAlias = Literal["round_robin", "least_requests", "power_of_two", "prefix", "session"]
 LogFormat: TypeAlias = Literal["text", "json"]
+CacheScope: TypeAlias = Literal["global", "key"]
 Origin: TypeAlias = Literal["cli", "env", "file", "default"]
 
-LOG_LEVELS: tuple[str, ...] = ("debug", "info", "warning", "error", "critical")
+# The seed's names (trace, warn) and Python's (warning, critical); trace logs like debug.
+LOG_LEVELS: tuple[str, ...] = ("trace", "debug", "info", "warn", "warning", "error", "critical")
+POLICIES: tuple[str, ...] = ("round_robin", "least_requests", "power_of_two", "prefix", "session")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 
 
@@ -69,15 +81,41 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     bind_address: str = "0.0.0.0"
     # On SIGTERM/SIGINT, how long requests in flight may take to finish.
     shutdown_grace_seconds: float = 30.0
+    # Browser origins allowed to call the gateway (CORS), e.g. "https://app.example"; "*" for any.
+    cors_origins: tuple[str, ...] = ()
 
 
-class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    # Backend host name or IP address (IPv6 without brackets).
-    host: str
-    # Backend HTTP port.
-    port: int
-    # Share of traffic relative to the other backends (smooth weighted round-robin).
+class BackendConfig(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    # Backend host name or IP address (IPv6 without brackets); or give `url` instead.
+    host: str | None = None
+    # Backend HTTP port (with `host`).
+    port: int | None = None
+    # Base URL instead of host/port: http(s)://HOST[:PORT][/PATH-PREFIX].
+    url: str | None = None
+    # Share of traffic relative to the other backends (capacity, under every policy).
     weight: int = 1
+    # Model ids it serves; absent: learnt from its GET /v1/models (any model until known).
+    models: tuple[str, ...] | None = None
+    # Sent upstream as `Authorization: Bearer ...` in place of the client's header.
+    api_key: str | None = None
+    # Health path probed on this backend (default: health_check.path).
+    health_path: str | None = None
+
+
+class ModelsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Alias -> model id: a request naming the alias is routed as, and rewritten to, its target.
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class RoutingConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # round_robin, least_requests, power_of_two, prefix or session.
+    policy: Policy = "round_robin"
+    # Header whose value pins a session to one backend (policy session); else the body's `user`.
+    session_header: str = "x-session-id"
+    # Memory budget of the prefix index (policy prefix), never exceeded.
+    prefix_memory_mb: float = 64.0
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -89,6 +127,10 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     ttl_seconds: float = 3600.0
     # Whether completed streamed (SSE) answers are cached and replayed too.
     streaming: bool = False
+    # Whether identical streaming requests join one live generation (X-Cache: COALESCED).
+    coalesce_streams: bool = True
+    # "global": one namespace for every client; "key": each gateway API key its own (hits never cross).
+    scope: CacheScope = "global"
 
 
 class SslConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -154,6 +196,30 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_body_size_mb: float = 32.0
 
 
+class ApiKeyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    # The key clients send as `Authorization: Bearer <key>` (or give key_sha256 instead).
+    key: str | None = None
+    # Hex SHA-256 of the key (`ntonix keys hash`), so the file holds no usable secret.
+    key_sha256: str | None = None
+    # Who the key belongs to: the name logs and metrics show (never the key).
+    name: str
+    # Model ids (or aliases) the key may use; absent: every model.
+    models: tuple[str, ...] | None = None
+    # Requests per minute; absent: unlimited.
+    rpm: int | None = None
+    # Tokens (prompt + completion, from answers' `usage`) per minute; absent: unlimited.
+    tpm: int | None = None
+
+
+class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Gateway API keys; with any key (here or in keys_file) every /v1/... request needs one.
+    keys: tuple[ApiKeyConfig, ...] = ()
+    # JSON file of more keys ({"keys": [...]}, same fields), re-read on SIGHUP; empty: none.
+    keys_file: str = ""
+    # Key that /metrics, /metrics/prometheus and /cache/stats require; empty: those stay open.
+    admin_key: str = ""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Listeners and process.
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
@@ -171,20 +237,78 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     circuit_breaker: CircuitBreakerConfig = msgspec.field(default_factory=CircuitBreakerConfig)
     # Upstream forwarding limits.
     proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+    # Model aliases.
+    models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
+    # Load-balancing policy.
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    # Gateway API keys, their limits, and the admin key.
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
 
 # --------------------------------------------------------------------------- backends
 
-_BACKEND_FORMAT = "expected HOST:PORT or HOST:PORT:WEIGHT"
+_BACKEND_FORMAT = "expected HOST:PORT, HOST:PORT:WEIGHT or an http(s):// URL"
 _DIGITS = re.compile(r"[0-9]{1,9}")
+# A DNS name or an IPv4 address; IPv6 addresses are checked with `ipaddress`.
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*\.?"
+)
+
+
+def valid_host(host: str) -> bool:
+    """Whether `host` is a bare host name or IP address (no scheme, port, brackets or path)."""
+    if _HOSTNAME.fullmatch(host):
+        return True
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class BackendUrl(NamedTuple):
+    """A backend's address split from its URL: scheme, host, port and path prefix (no trailing /)."""
+
+    scheme: str
+    host: str
+    port: int
+    prefix: str
+
+
+def parse_url(url: str) -> BackendUrl:
+    """Split and check an `http(s)://HOST[:PORT][/PREFIX]` backend URL; ValueError says what is wrong."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"invalid URL {url!r}: scheme must be http or https")
+    host = parts.hostname or ""
+    if not host or not valid_host(host):
+        raise ValueError(f"invalid URL {url!r}: missing or invalid host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"invalid URL {url!r}: no query, fragment or credentials allowed")
+    if port == 0:
+        raise ValueError(f"invalid URL {url!r}: port must be in 1..65535, got 0")
+    default = 443 if parts.scheme == "https" else 80
+    return BackendUrl(parts.scheme, host, default if port is None else port, parts.path.rstrip("/"))
 
 
 def parse_backend(spec: str) -> BackendConfig:
-    """Parse `host:port`, `host:port:weight` or `[ipv6]:port[:weight]`."""
+    """Parse `host:port`, `host:port:weight`, `[ipv6]:port[:weight]` or an `http(s)://` URL."""
     text = spec.strip()
+    if "://" in text:
+        try:
+            parse_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"invalid backend {spec!r}: {exc}") from None
+        return BackendConfig(url=text)
     host, numbers = _split_host(text, spec)
-    if not host or any(ch.isspace() or ch in "/[]@" for ch in host) or len(numbers) not in (1, 2):
+    if not host or len(numbers) not in (1, 2):
         raise ConfigError(f"invalid backend {spec!r}: {_BACKEND_FORMAT}")
+    if not valid_host(host):
+        raise ConfigError(f"invalid backend {spec!r}: {host!r} is not a host name or IP address")
     if not all(_DIGITS.fullmatch(n) for n in numbers):
         raise ConfigError(f"invalid backend {spec!r}: port and weight must be integers")
     port, weight = int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else 1
@@ -235,7 +359,7 @@ def _env_int(value: str) -> object:
 def _env_backends(value: str) -> object:
     specs = [part for part in value.split(",") if part.strip()]
     if not specs:
-        raise ValueError(f"expected HOST:PORT[:WEIGHT],..., got {value!r}")
+        raise ValueError(f"expected HOST:PORT[:WEIGHT] or URL,..., got {value!r}")
     return _backend_dicts(specs)
 
 
@@ -400,7 +524,12 @@ _TYPE_NAMES = {
     "object": "an object",
     "array": "an array",
 }
-_CHOICES = {"logging.level": LOG_LEVELS, "logging.format": LOG_FORMATS}
+_CHOICES = {
+    "logging.level": LOG_LEVELS,
+    "logging.format": LOG_FORMATS,
+    "routing.policy": POLICIES,
+    "cache.scope": ("global", "key"),
+}
 _MISSING = object()
 
 
@@ -499,8 +628,10 @@ _RULES: dict[str, _Rule] = {
     "proxy.request_timeout_seconds": _POSITIVE,
     "proxy.retries": _NOT_NEGATIVE_INT,
     "proxy.max_body_size_mb": _POSITIVE,
+    "routing.prefix_memory_mb": _POSITIVE,
+    "routing.session_header": _NOT_BLANK,
 }
-_BACKEND_RULES: dict[str, _Rule] = {"host": _NOT_BLANK, "port": _PORT, "weight": _ONE_OR_MORE}
+_BACKEND_RULES: dict[str, _Rule] = {"weight": _ONE_OR_MORE}
 
 
 def _values(s: Settings) -> Iterator[tuple[str, Any, _Rule]]:
@@ -519,13 +650,71 @@ def _validate(s: Settings, layers: _Layers) -> None:
             raise ConfigError(
                 f"invalid configuration: {key}: expected {rule.expected}, got {_show(value)}{origin}"
             )
+    for i, backend in enumerate(s.backends):
+        _validate_backend(f"backends[{i}]", backend, layers)
+    for alias, target in s.models.aliases.items():
+        if not alias.strip() or not target.strip() or alias == target:
+            raise ConfigError(
+                f"invalid configuration: models.aliases: {alias!r} -> {target!r}: "
+                f"expected two different non-empty model ids{layers.describe('models.aliases')}"
+            )
     if not s.backends:
+        read = layers.file_label or "no config file"
+        hint = ""
+        if not layers.file_label and os.path.isfile(os.path.join("config", "ntonix.json")):
+            hint = " (config/ntonix.json exists but was not read: pass --config config/ntonix.json)"
         raise ConfigError(
             "invalid configuration: backends: at least one backend is required "
-            "(config file 'backends', NTONIX_BACKENDS or --backend)"
+            f"(config file 'backends', NTONIX_BACKENDS or --backend; read: {read}, environment, "
+            f"command line){hint}"
         )
     if s.ssl.enabled:
         _validate_ssl(s, layers)
+    _validate_auth(s, layers)
+    for origin in s.server.cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f'invalid configuration: server.cors_origins: expected "*" or scheme://host[:port], '
+                f"got {_show(origin)}{layers.describe('server.cors_origins')}"
+            )
+
+
+def _validate_auth(s: Settings, layers: _Layers) -> None:
+    """Inline keys and the keys file parse into one table (duplicates, bad hashes, limits < 1 refused)."""
+    from ntonix.auth.keys import KeyConfigError, build_table
+
+    try:
+        build_table(s.auth)
+    except KeyConfigError as exc:
+        raise ConfigError(f"invalid configuration: {exc}{layers.describe(exc.path)}") from None
+
+
+def _validate_backend(key: str, b: BackendConfig, layers: _Layers) -> None:
+    def fail(detail: str, leaf: str = "") -> ConfigError:
+        path = f"{key}.{leaf}" if leaf else key
+        return ConfigError(f"invalid configuration: {path}: {detail}{layers.describe(path)}")
+
+    if b.url is not None:
+        if b.host is not None or b.port is not None:
+            raise fail("give either url or host and port, not both")
+        try:
+            parse_url(b.url)
+        except ValueError as exc:
+            raise fail(str(exc), "url") from None
+    else:
+        if b.host is None or b.port is None:
+            raise fail("needs host and port, or url")
+        if not valid_host(b.host):
+            hint = " (use url for http(s)://...)" if "://" in b.host else ""
+            raise fail(f"{b.host!r} is not a host name or IP address (IPv6 without brackets){hint}", "host")
+        if not 1 <= b.port <= 65535:
+            raise fail(f"expected an integer in 1..65535, got {b.port}", "port")
+    if b.models is not None and any(not m.strip() for m in b.models):
+        raise fail("model ids must be non-empty strings", "models")
+    if b.health_path is not None and not b.health_path.startswith("/"):
+        raise fail(f"expected a path starting with /, got {b.health_path!r}", "health_path")
+    if b.api_key is not None and not b.api_key.strip():
+        raise fail("expected a non-empty string", "api_key")
 
 
 def _validate_ssl(s: Settings, layers: _Layers) -> None:
@@ -583,5 +772,8 @@ def load_settings(
 def settings_to_dict(settings: Settings) -> dict[str, object]:
     """The settings as plain JSON-able data, in the shape of the config file."""
     data = cast(dict[str, object], msgspec.to_builtins(settings))
-    data["backends"] = list(cast(tuple[object, ...], data["backends"]))
+    data["backends"] = [
+        {**cast(dict[str, object], backend), "weight": settings.backends[i].weight}
+        for i, backend in enumerate(cast(tuple[object, ...], data["backends"]))
+    ]
     return data

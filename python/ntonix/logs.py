@@ -46,6 +46,8 @@ _COLOURS: Final = {
     logging.CRITICAL: "\x1b[1;31m",  # bold red
 }
 _RESET: Final = "\x1b[0m"
+# The seed's level names: trace logs like debug, warn is warning.
+_LEVELS: Final = {"trace": "DEBUG", "warn": "WARNING"}
 # Printable ASCII except space, '"', '=' and '\': such a value is written bare, anything else JSON-quoted.
 _BARE: Final = re.compile(r"[!#-<>-\[\]-~]+")
 
@@ -148,7 +150,7 @@ def setup_logging(cfg: LoggingConfig) -> None:
     _installed[:] = handlers
     for handler in handlers:
         _app.addHandler(handler)
-    _app.setLevel(cfg.level.upper())
+    _app.setLevel(_LEVELS.get(cfg.level, cfg.level.upper()))
     _app.propagate = False  # our lines are formatted here; a root handler would print them twice
     _access.setLevel(logging.INFO if cfg.access_log else logging.CRITICAL + 1)
     _app.disabled = _access.disabled = False  # a dictConfig(disable_existing_loggers=True) may have run
@@ -164,8 +166,10 @@ def log_access(
     bytes_sent: int,
     latency_ms: float,
     ttfb_ms: float | None,
+    model: str | None = None,
+    key: str | None = None,
 ) -> None:
-    """Write one access line; returns at once when access logging is off."""
+    """Write one access line (`key`: the API key's name, never the key); returns at once when off."""
     if not _access.isEnabledFor(logging.INFO):
         return
     fields = {
@@ -173,12 +177,15 @@ def log_access(
         "method": method,
         "path": path,
         "backend": backend,
+        "model": model,
         "status": status,
         "cache": cache,
         "bytes": bytes_sent,
         "latency_ms": round(latency_ms, 2),
         "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
     }
+    if key is not None:
+        fields["key"] = key
     # makeRecord + handle skips Logger._log's stack walk for the caller's file and line.
     record = _access.makeRecord(
         ACCESS_LOGGER, logging.INFO, "", 0, "access", (), None, extra={_FIELDS: fields}

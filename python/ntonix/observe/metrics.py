@@ -1,7 +1,7 @@
 """Gateway counters and their two views: the seed's JSON and Prometheus text.
 
 Counters are plain attributes bumped on the event loop (one thread, so no
-locks). `snapshot()` renders the JSON of SPEC §4 `/metrics`; `prometheus()`
+locks). `snapshot()` renders the `/metrics` JSON (fields listed in the README); `prometheus()`
 renders the same figures, plus latency histograms per backend, the
 time-to-first-token histogram, cache counters and circuit states, in the
 Prometheus text exposition format (version 0.0.4).
@@ -9,50 +9,33 @@ Prometheus text exposition format (version 0.0.4).
 
 from __future__ import annotations
 
-import bisect
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ntonix.observe.histogram import BUCKETS_MS, Histogram, percentiles
+
 if TYPE_CHECKING:
-    from ntonix.balancer import Backend
-
-# Bucket bounds in milliseconds, from sub-millisecond proxying to minute-long generations.
-BUCKETS_MS: tuple[float, ...] = (
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1000,
-    2500,
-    5000,
-    10000,
-    30000,
-    60000,
-    120000,
-)
+    from ntonix.upstream.backend import Backend
 
 
-class Histogram:
-    """Cumulative-on-render histogram of millisecond values."""
+class ModelStats:
+    """Counters of one (route, model) pair."""
 
-    __slots__ = ("count", "counts", "total")
+    __slots__ = ("cache_hits", "cached_tokens", "completion_tokens", "errors", "prompt_tokens", "requests")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS_MS) + 1)
-        self.count = 0
-        self.total = 0.0
+        self.requests = 0
+        self.errors = 0
+        self.cache_hits = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cached_tokens = 0
 
-    def observe(self, value_ms: float) -> None:
-        self.counts[bisect.bisect_left(BUCKETS_MS, value_ms)] += 1
-        self.count += 1
-        self.total += value_ms
+
+# Label of requests whose model the gateway does not list (bounds the label values).
+OTHER_MODEL = "other"
+NO_MODEL = "-"
 
 
 class Metrics:
@@ -60,41 +43,89 @@ class Metrics:
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.created = int(time.time())  # `created` of the model objects the gateway lists
         self.requests_total = 0
         self.requests_active = 0
         self.requests_success = 0
         self.requests_error = 0
-        self.cache_hits = 0
-        self.cache_misses = 0
         self.coalesced = 0
+        self.coalesced_streams = 0  # streaming requests that joined a live generation
+        self.stream_group_peak = 0  # most clients attached to one live generation
+        self.followers_dropped = 0  # followers disconnected for falling behind
         self.retries = 0
         self.client_disconnects = 0
         self.stream_errors = 0
         self.streams_active = 0
+        self.requests_client_error = 0
         self.request_latency = Histogram()
         self.ttft = Histogram()
+        self.models: dict[tuple[str, str], ModelStats] = {}
+        self.known_models: Callable[[], frozenset[str]] = frozenset
+        self.policy = "round_robin"
 
-    def finish(self, status: int, latency_ms: float) -> None:
-        """Count one answered request."""
+    def finish(self, status: int, latency_ms: float, client_error: bool = False) -> None:
+        """Count one answered request (`client_error`: a 4xx the gateway made for bad input)."""
         self.requests_active -= 1
         if status < 400:
             self.requests_success += 1
         else:
             self.requests_error += 1
+            if client_error:
+                self.requests_client_error += 1
         self.request_latency.observe(latency_ms)
+
+    def model(self, route: str, model: str | None) -> ModelStats:
+        """The counters of `model` on `route`; models the gateway does not list share one label."""
+        if model is None:
+            label = NO_MODEL
+        elif model in self.known_models():
+            label = model
+        else:
+            label = OTHER_MODEL
+        stats = self.models.get((route, label))
+        if stats is None:
+            stats = self.models[(route, label)] = ModelStats()
+        return stats
+
+    def models_json(self) -> dict[str, dict[str, Any]]:
+        """Per model (all routes summed), with a per-route breakdown."""
+        out: dict[str, dict[str, Any]] = {}
+        for (route, model), stats in sorted(self.models.items()):
+            entry = out.setdefault(
+                model,
+                {
+                    "requests": 0,
+                    "errors": 0,
+                    "cache_hits": 0,
+                    "prompt_tokens": 0,
+                    "completion_tokens": 0,
+                    "cached_tokens": 0,
+                    "routes": {},
+                },
+            )
+            row = {name: getattr(stats, name) for name in ModelStats.__slots__}
+            for name, value in row.items():
+                entry[name] += value
+            entry["routes"][route] = row
+        return out
 
     def snapshot(self, backends: Sequence[Backend], cache: Mapping[str, int]) -> dict[str, Any]:
         """The `/metrics` JSON document."""
-        lookups = self.cache_hits + self.cache_misses
+        hits, misses = cache.get("hits", 0), cache.get("misses", 0)
         return {
             "requests_total": self.requests_total,
             "requests_active": self.requests_active,
             "requests_success": self.requests_success,
             "requests_error": self.requests_error,
-            "cache_hits": self.cache_hits,
-            "cache_misses": self.cache_misses,
-            "cache_hit_rate": self.cache_hits / lookups if lookups else 0.0,
+            "requests_client_error": self.requests_client_error,
+            "requests_failed": self.requests_error - self.requests_client_error,
+            "cache_hits": hits,
+            "cache_misses": misses,
+            "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "cache_coalesced": self.coalesced,
+            "streams_coalesced": self.coalesced_streams,
+            "stream_group_clients_max": self.stream_group_peak,
+            "stream_followers_dropped": self.followers_dropped,
             "uptime_seconds": time.monotonic() - self.started,
             "connections_active": self.requests_active,
             "connections_total": self.requests_total,
@@ -103,6 +134,10 @@ class Metrics:
             "retries": self.retries,
             "stream_errors": self.stream_errors,
             "memory_cache_bytes": cache.get("size_bytes", 0),
+            "ttft_ms": percentiles(self.ttft),
+            "latency_ms": percentiles(self.request_latency),
+            "routing_policy": self.policy,
+            "models": self.models_json(),
             "backends": [_backend_json(b) for b in backends],
         }
 
@@ -116,9 +151,11 @@ class Metrics:
         counter("ntonix_requests_error_total", "Answers with status >= 400.", [((), self.requests_error)])
         gauge("ntonix_requests_active", "Requests being answered now.", [((), self.requests_active)])
         gauge("ntonix_streams_active", "SSE streams open now.", [((), self.streams_active)])
-        counter("ntonix_cache_hits_total", "Answers served from the cache.", [((), self.cache_hits)])
         counter(
-            "ntonix_cache_misses_total", "Cacheable requests not in the cache.", [((), self.cache_misses)]
+            "ntonix_cache_hits_total", "Cache lookups that found an answer.", [((), cache.get("hits", 0))]
+        )
+        counter(
+            "ntonix_cache_misses_total", "Cache lookups that found nothing.", [((), cache.get("misses", 0))]
         )
         counter(
             "ntonix_cache_coalesced_total",
@@ -150,6 +187,26 @@ class Metrics:
         )
         for key in ("entries", "size_bytes", "max_size_bytes"):
             gauge(f"ntonix_cache_{key}", f"Cache {key.replace('_', ' ')}.", [((), cache.get(key, 0))])
+        counter(
+            "ntonix_requests_client_error_total",
+            "Answers >= 400 the gateway made for bad input.",
+            [((), self.requests_client_error)],
+        )
+        per_model = sorted(self.models.items())
+        model_labels = [(("route", route), ("model", model)) for (route, model), _ in per_model]
+        for name, help_text in (
+            ("requests", "Requests by route and model."),
+            ("errors", "Answers >= 400 by route and model."),
+            ("cache_hits", "Cache hits by route and model."),
+            ("prompt_tokens", "Prompt tokens reported by backends' usage."),
+            ("completion_tokens", "Completion tokens reported by backends' usage."),
+            ("cached_tokens", "Prompt tokens the backend reported as served from its KV cache."),
+        ):
+            counter(
+                f"ntonix_model_{name}_total",
+                help_text,
+                [(lb, getattr(st, name)) for lb, (_, st) in zip(model_labels, per_model, strict=True)],
+            )
         labels = [(("backend", b.key),) for b in backends]
         counter(
             "ntonix_backend_requests_total",
@@ -252,6 +309,8 @@ def _backend_json(backend: Backend) -> dict[str, Any]:
         "in_flight": backend.in_flight,
         "latency_avg_ms": backend.latency_total_ms / requests if requests else 0.0,
         "error_rate": backend.errors / requests if requests else 0.0,
+        "url": backend.url,
+        "models": sorted(backend.models) if backend.models is not None else None,
         "healthy": backend.healthy,
         "circuit_state": backend.breaker.state,
         "consecutive_failures": backend.breaker.failures,

@@ -1,0 +1,116 @@
+"""The composition root: builds the forwarder, cache, metrics, backends, model registry and health checker.
+
+One `Gateway` per process. What a reload may change (backends, their models,
+aliases) lives in one immutable `ModelRegistry` snapshot that `reload` swaps in
+a single assignment: a request in flight keeps the pool it resolved, the next
+request sees the new one. Backends known by address keep their live state
+(counters, health, breaker) across a reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+
+from ntonix._core import Forwarder, ResponseCache, init_runtime
+from ntonix.auth.guard import Guard
+from ntonix.auth.keys import KeyConfigError, build_table
+from ntonix.balance import make_policy
+from ntonix.config import Settings
+from ntonix.limits.limiter import Limiter
+from ntonix.observe.metrics import Metrics
+from ntonix.pipeline.proxy import Proxy
+from ntonix.upstream.backend import Backend, build_backends
+from ntonix.upstream.health import HealthChecker
+from ntonix.upstream.registry import ModelRegistry
+
+log = logging.getLogger("ntonix")
+
+_EMPTY_CACHE_STATS = {
+    "hits": 0,
+    "misses": 0,
+    "evictions": 0,
+    "expired": 0,
+    "entries": 0,
+    "size_bytes": 0,
+    "max_size_bytes": 0,
+}
+
+
+class Gateway:
+    """Everything one gateway process shares between requests."""
+
+    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        init_runtime(settings.server.threads)
+        proxy = settings.proxy
+        self.forwarder = Forwarder(
+            loop,
+            connect_timeout=proxy.connect_timeout_seconds,
+            first_byte_timeout=proxy.ttfb_timeout_seconds,
+            idle_timeout=proxy.stream_idle_timeout_seconds,
+            total_timeout=proxy.request_timeout_seconds,
+        )
+        cache_cfg = settings.cache
+        self.cache = (
+            ResponseCache(int(cache_cfg.max_size_mb * 1024 * 1024), float(cache_cfg.ttl_seconds))
+            if cache_cfg.enabled
+            else None
+        )
+        self.metrics = Metrics()
+        self.metrics.policy = settings.routing.policy
+        self.backends: list[Backend] = build_backends(settings.backends, settings.circuit_breaker)
+        self.registry = self._registry(settings, self.backends)
+        self.metrics.known_models = lambda: self.registry.known
+        self.proxy = Proxy(settings, self.forwarder, self.cache, self.metrics, lambda: self.registry)
+        self.limiter = Limiter()
+        self._set_guard(Guard(build_table(settings.auth), self.limiter, settings.cache.scope == "key"))
+        self.health = HealthChecker(
+            settings.health_check, self.forwarder, lambda: self.backends, self._models_changed
+        )
+
+    @staticmethod
+    def _registry(settings: Settings, backends: list[Backend]) -> ModelRegistry:
+        routing = settings.routing
+        return ModelRegistry(backends, dict(settings.models.aliases), lambda: make_policy(routing))
+
+    def _set_guard(self, guard: Guard) -> None:
+        self.guard = guard
+        self.proxy.guard = guard if guard.keys_on else None  # no keys: the pipeline skips the phase
+
+    def _reload_keys(self, fresh: Settings) -> None:
+        """Swap in the re-read keys; a bad keys file keeps the old ones (one log line)."""
+        try:
+            table = build_table(fresh.auth)
+        except KeyConfigError as err:
+            log.error("keys reload failed, keeping the old keys: %s", err)
+            return
+        self._set_guard(Guard(table, self.limiter, self.settings.cache.scope == "key"))
+        self.settings = msgspec.structs.replace(self.settings, auth=fresh.auth)
+        log.info("keys reloaded: %d key(s)%s", len(table.by_digest), ", admin key set" if table.admin else "")
+
+    def _models_changed(self) -> None:
+        self.registry.invalidate()
+
+    def reload(self, fresh: Settings) -> None:
+        """Apply a re-read configuration's backends, models and aliases; requests in flight keep theirs."""
+        backends = build_backends(fresh.backends, self.settings.circuit_breaker, self.backends)
+        registry = self._registry(
+            msgspec.structs.replace(self.settings, models=fresh.models, routing=self.settings.routing),
+            backends,
+        )
+        self.backends, self.registry = backends, registry
+        self.settings = msgspec.structs.replace(self.settings, backends=fresh.backends, models=fresh.models)
+        log.info(
+            "backends reloaded: %s",
+            ", ".join(f"{b.key} (weight {b.weight})" for b in backends),
+        )
+        self._reload_keys(fresh)
+
+    def cache_stats(self) -> dict[str, int]:
+        return self.cache.stats() if self.cache is not None else dict(_EMPTY_CACHE_STATS)
+
+    def healthy_backends(self) -> int:
+        return sum(1 for b in self.backends if b.healthy)

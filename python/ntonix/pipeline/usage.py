@@ -1,0 +1,78 @@
+"""Token counts from the `usage` an answer or a stream's usage chunk carries (OpenAI and Responses shapes).
+
+Read off the client's path: a whole answer is scanned only when it mentions
+`"usage"`, and a stream only keeps the last chunk that did, decoded once at its end.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:
+    from ntonix._core import UpstreamResponse
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int | None = None
+
+
+class _UsageDoc(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    prompt_tokens_details: _Details | None = None
+    input_tokens_details: _Details | None = None
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _UsageDoc | None = None
+
+
+class _Event(msgspec.Struct):
+    usage: _UsageDoc | None = None
+    response: _WithUsage | None = None  # Responses API: response.completed carries response.usage
+
+
+_decode_answer = msgspec.json.Decoder(_WithUsage).decode
+_decode_event = msgspec.json.Decoder(_Event).decode
+
+
+class Usage:
+    """Prompt, completion and cached prompt tokens of one answer."""
+
+    __slots__ = ("cached", "completion", "prompt")
+
+    def __init__(self, doc: _UsageDoc) -> None:
+        self.prompt = doc.prompt_tokens or doc.input_tokens
+        self.completion = doc.completion_tokens or doc.output_tokens
+        details = doc.prompt_tokens_details or doc.input_tokens_details
+        self.cached = details.cached_tokens if details is not None else None
+
+
+def usage_of_body(response: UpstreamResponse) -> Usage | None:
+    body = response.body
+    if not body or response.status >= 300 or b'"usage"' not in body:
+        return None
+    try:
+        doc = _decode_answer(body).usage
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # compressed, or not the OpenAI shape
+    return Usage(doc) if doc is not None else None
+
+
+def usage_of_stream(chunk: bytes) -> Usage | None:
+    """The usage of the last SSE event in `chunk` that carries one."""
+    for line in reversed(chunk.split(b"\n")):
+        if not line.startswith(b"data:") or b'"usage"' not in line:
+            continue
+        try:
+            event = _decode_event(line[5:].strip())
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue
+        doc = event.usage or (event.response.usage if event.response is not None else None)
+        if doc is not None:
+            return Usage(doc)
+    return None
