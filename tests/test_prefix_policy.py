@@ -191,3 +191,27 @@ def test_hotspot_tenant_spreads_by_load() -> None:
         if len(outstanding) > 12:
             outstanding.popleft().in_flight -= 1
     assert max(picks.values()) / (sum(picks.values()) / 4) <= 1.3, picks
+
+
+def test_through_the_pool_with_real_backends() -> None:
+    # The policy behind BackendPool, which counts in flight and passes cached_tokens back.
+    from ntonix.config import BackendConfig, CircuitBreakerConfig
+    from ntonix.upstream.backend import Backend
+    from ntonix.upstream.pool import BackendPool
+
+    breaker = CircuitBreakerConfig(failure_threshold=2, open_seconds=30)
+    real = [Backend(BackendConfig(host="10.0.0.1", port=9000 + i, weight=1), breaker) for i in range(3)]
+    policy = PrefixAffinity(MB)
+    pool = BackendPool("m", real, policy)
+    rng = random.Random(9)
+    conversation = words(rng, 3000)
+    first = pool.pick(Ctx(conversation))
+    assert first is not None
+    pool.release(Ctx(conversation), first, cached_tokens=0)
+    conversation += words(rng, 400)
+    ctx = Ctx(conversation)
+    again = pool.pick(ctx)
+    assert again is not None and again.backend is first.backend
+    assert again.backend.in_flight == 1
+    pool.release(ctx, again, cached_tokens=750)  # 3000 chars confirmed
+    assert policy.feedback_confirmed == 1 and again.backend.in_flight == 0
