@@ -41,6 +41,7 @@ class Forwarder:
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
         pool_idle_timeout: float = 90.0,
+        ca_file: str | None = None,
     ) -> Forwarder: ...
     @property
     def wake_fd(self) -> int: ...
