@@ -64,6 +64,7 @@ class Metrics:
         self.models: dict[tuple[str, str], ModelStats] = {}
         self.known_models: Callable[[], frozenset[str]] = frozenset
         self.policy = "round_robin"
+        self.policy_stats: Callable[[], dict[str, object]] = dict
 
     def finish(self, status: int, latency_ms: float, client_error: bool = False) -> None:
         """Count one answered request (`client_error`: a 4xx the gateway made for bad input)."""
@@ -141,6 +142,7 @@ class Metrics:
             "ttft_ms": percentiles(self.ttft),
             "latency_ms": percentiles(self.request_latency),
             "routing_policy": self.policy,
+            "routing": self.policy_stats(),
             "models": self.models_json(),
             "backends": [_backend_json(b) for b in backends],
         }
