@@ -98,10 +98,22 @@ def _fail(error: ConfigError) -> NoReturn:
     raise SystemExit(2)
 
 
-@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """`ntonix --port N --backend ...` with no subcommand runs the gateway, as `ntonix run ...` does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "-V", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="ntonix")
 def main() -> None:
-    """NTONIX: an OpenAI-compatible gateway that caches, balances and streams for local LLM servers."""
+    """NTONIX: an OpenAI-compatible gateway that caches, balances and streams for local LLM servers.
+
+    Run options given without a command (`ntonix --port 8080 --backend localhost:8001`) run the gateway.
+    """
 
 
 @main.command(epilog=_EPILOG)

@@ -289,8 +289,10 @@ def parse_url(url: str) -> BackendUrl:
         raise ValueError(f"invalid URL {url!r}: missing or invalid host")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"invalid URL {url!r}: no query, fragment or credentials allowed")
+    if port == 0:
+        raise ValueError(f"invalid URL {url!r}: port must be in 1..65535, got 0")
     default = 443 if parts.scheme == "https" else 80
-    return BackendUrl(parts.scheme, host, port or default, parts.path.rstrip("/"))
+    return BackendUrl(parts.scheme, host, default if port is None else port, parts.path.rstrip("/"))
 
 
 def parse_backend(spec: str) -> BackendConfig:

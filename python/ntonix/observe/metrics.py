@@ -1,7 +1,7 @@
 """Gateway counters and their two views: the seed's JSON and Prometheus text.
 
 Counters are plain attributes bumped on the event loop (one thread, so no
-locks). `snapshot()` renders the JSON of SPEC §4 `/metrics`; `prometheus()`
+locks). `snapshot()` renders the `/metrics` JSON (fields listed in the README); `prometheus()`
 renders the same figures, plus latency histograms per backend, the
 time-to-first-token histogram, cache counters and circuit states, in the
 Prometheus text exposition format (version 0.0.4).
@@ -52,6 +52,8 @@ class Metrics:
         self.coalesced_streams = 0  # streaming requests that joined a live generation
         self.stream_group_peak = 0  # most clients attached to one live generation
         self.followers_dropped = 0  # followers disconnected for falling behind
+        self.embedding_inputs_hit = 0  # embedding inputs answered without computing them upstream
+        self.embedding_inputs_missed = 0  # embedding inputs sent upstream
         self.retries = 0
         self.client_disconnects = 0
         self.stream_errors = 0
@@ -126,6 +128,8 @@ class Metrics:
             "streams_coalesced": self.coalesced_streams,
             "stream_group_clients_max": self.stream_group_peak,
             "stream_followers_dropped": self.followers_dropped,
+            "embedding_inputs_hit": self.embedding_inputs_hit,
+            "embedding_inputs_missed": self.embedding_inputs_missed,
             "uptime_seconds": time.monotonic() - self.started,
             "connections_active": self.requests_active,
             "connections_total": self.requests_total,
@@ -161,6 +165,31 @@ class Metrics:
             "ntonix_cache_coalesced_total",
             "Requests that waited for an identical one.",
             [((), self.coalesced)],
+        )
+        counter(
+            "ntonix_streams_coalesced_total",
+            "Streaming requests that joined a live identical generation.",
+            [((), self.coalesced_streams)],
+        )
+        gauge(
+            "ntonix_stream_group_clients_max",
+            "Most clients attached to one live generation.",
+            [((), self.stream_group_peak)],
+        )
+        counter(
+            "ntonix_stream_followers_dropped_total",
+            "Stream followers disconnected for falling behind.",
+            [((), self.followers_dropped)],
+        )
+        counter(
+            "ntonix_embedding_inputs_hit_total",
+            "Embedding inputs answered without computing them upstream.",
+            [((), self.embedding_inputs_hit)],
+        )
+        counter(
+            "ntonix_embedding_inputs_missed_total",
+            "Embedding inputs sent upstream.",
+            [((), self.embedding_inputs_missed)],
         )
         counter("ntonix_retries_total", "Attempts retried on another backend.", [((), self.retries)])
         counter(
