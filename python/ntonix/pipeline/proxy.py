@@ -41,10 +41,12 @@ from ntonix.errors import (
     error_body,
 )
 from ntonix.limits.stream import UsageTap, ask_for_usage
+from ntonix.pipeline.embeddings import EmbeddingInputs
 from ntonix.pipeline.exchange import Exchange, client_request_id
 from ntonix.pipeline.fanout import LAG_BOUND_BYTES, StreamGroup
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
+from ntonix.routes.spec import EMBEDDINGS
 
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
@@ -96,6 +98,7 @@ class Proxy:
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
         self.slow = SlowRequestWatch()
         self.keys = KeyMemo()
+        self.embeddings = EmbeddingInputs(self)  # /v1/embeddings cached per input (embeddings.py)
         self.guard: Guard | None = None  # set by the gateway when API keys are configured
 
     async def handle(self, route: RouteSpec, scope: Any, proto: Any) -> None:
@@ -146,6 +149,11 @@ class Proxy:
         model, pool = self._resolve(ex)
         if self.session_header:
             ex.session_header = headers.get(self.session_header)
+        per_input = route is EMBEDDINGS and digest is not None and not facts.stream  # see embeddings.py
+        if per_input and await self.embeddings.answer(
+            proto, headers, pool, self._scope(headers, pool, ex), no_cache, ex
+        ):
+            return
         key: int | None = None
         if digest is not None and (not facts.stream or self.cache_streams or self.coalesce_streams):
             key = cache_key(route.name, model, self._scope(headers, pool, ex), digest)
