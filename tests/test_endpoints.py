@@ -9,10 +9,14 @@ request, to show which routes are retried once a request was sent.
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
+import ipaddress
 import itertools
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -23,6 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import (
     HTTP,
@@ -518,3 +526,132 @@ def test_a_backend_down_at_start_is_probed_and_discovered_when_it_comes_back(pro
     probes = {r["path"] for r in mock_requests(late) if r["method"] == "GET"}
     assert "/v1/models" in probes
     assert "has no /health (404): probing /v1/models instead" in gw.log()
+
+
+# -- https:// backends -----------------------------------------------------------------------------
+
+
+def make_ca_and_leaf(directory: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate it signed for 127.0.0.1: (ca.pem, leaf.pem, leaf.key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ntonix test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+class TlsFront:
+    """Terminates TLS on a free port and relays the bytes to a plain-HTTP backend (the mock)."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(raw,), daemon=True).start()
+
+    def _relay(self, raw: socket.socket) -> None:
+        try:
+            secure = self.context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self.handshakes += 1
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pump, args=(upstream, secure), daemon=True)
+        back.start()
+        pump(secure, upstream)
+        back.join(timeout=30)
+        secure.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_https_backend_with_a_ca_from_ssl_cert_file(procs: Processes, tmp_path: Path) -> None:
+    ca, cert, key = make_ca_and_leaf(tmp_path)
+    mock = procs.mock_serving("secure", name="secure")
+    front = TlsFront(mock.port, cert, key)
+    try:
+        url = f"https://127.0.0.1:{front.port}"
+        trusted = procs.gateway_for([{"url": url + "/"}], env={"SSL_CERT_FILE": str(ca)}, wait=False)
+        untrusted = procs.gateway_for([{"url": url}], wait=False)
+        for gw in (trusted, untrusted):
+            procs.wait_healthy(gw)
+        wait_models(trusted, {"secure"})  # discovered over TLS
+        assert post(trusted, CHAT, chat("secure")).status_code == 200
+        streamed = post(trusted, COMPLETIONS, {"model": "secure", "prompt": "tls", "stream": True})
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+        posts = [(r["path"], r["headers"]["host"]) for r in mock_requests(mock) if r["method"] == "POST"]
+        assert [path for path, _ in posts] == [CHAT, COMPLETIONS]
+        assert front.handshakes >= 1
+        # a gateway that does not trust the CA never sends a request there
+        wait_for(
+            lambda: not HTTP.get(untrusted.url + "/metrics").json()["backends"][0]["healthy"], what="down"
+        )
+        refused = post(untrusted, CHAT, chat("secure"))
+        assert refused.status_code in (502, 503), refused.text
+        assert len([r for r in mock_requests(mock) if r["method"] == "POST"]) == 2
+        assert "certificate" in untrusted.log().lower()
+    finally:
+        front.close()
