@@ -475,38 +475,47 @@ def test_cli_and_environment_take_host_port_weight_and_urls(procs: Processes) ->
     assert len(mock_requests(a, CHAT)) == 2 and len(mock_requests(b, "/v/v1/chat/completions")) == 2
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "named"),
-    [
-        (["--backend", "ftp://127.0.0.1:1"], {}, "ftp://127.0.0.1:1"),
-        (["--backend", "http://"], {}, "http://"),
-        (["--backend", "http://127.0.0.1:99999"], {}, "99999"),
-        (["--backend", "http://127.0.0.1:0"], {}, "http://127.0.0.1:0"),
-        (["--backend", "https://h/p?x=1"], {}, "https://h/p?x=1"),
-        ([], {"NTONIX_BACKENDS": "127.0.0.1:1,http//nope"}, "http//nope"),
-        (["--config", "{config}"], {}, "backends[0].url"),
-    ],
-)
-def test_bad_backend_url_is_one_line_and_exit_2(
-    tmp_path: Path, args: list[str], env: dict[str, str], named: str
-) -> None:
+BAD_BACKENDS: list[tuple[list[str], dict[str, str], str]] = [
+    (["--backend", "ftp://127.0.0.1:1"], {}, "ftp://127.0.0.1:1"),
+    (["--backend", "http://"], {}, "http://"),
+    (["--backend", "http://127.0.0.1:99999"], {}, "99999"),
+    (["--backend", "http://127.0.0.1:0"], {}, "http://127.0.0.1:0"),
+    (["--backend", "https://h/p?x=1"], {}, "https://h/p?x=1"),
+    ([], {"NTONIX_BACKENDS": "127.0.0.1:1,http//nope"}, "http//nope"),
+    (["--config", "{config}"], {}, "backends[0].url"),
+]
+
+
+def test_bad_backend_url_is_one_line_and_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"backends": [{"url": "http//127.0.0.1:8000"}]}))
-    args = [arg.replace("{config}", str(config)) for arg in args]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NTONIX_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "ntonix", "run", "--port", str(free_port()), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**clean, **env},
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ntonix: ") and named in lines[0]
-    assert "Traceback" not in result.stderr
+    runs = []
+    for args, env, named in BAD_BACKENDS:  # all at once: each is a Python start-up
+        argv = [arg.replace("{config}", str(config)) for arg in args]
+        command = [sys.executable, "-m", "ntonix", "run", "--port", str(free_port()), *argv]
+        popen = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean, **env},
+            cwd=tmp_path,
+        )
+        runs.append((popen, named))
+    try:
+        for popen, named in runs:
+            _, stderr = popen.communicate(timeout=60)
+            assert popen.returncode == 2, (named, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1, stderr
+            assert lines[0].startswith("ntonix: ") and named in lines[0], stderr
+            assert "Traceback" not in stderr
+    finally:
+        for popen, _ in runs:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
 
 
 def test_a_backend_down_at_start_is_probed_and_discovered_when_it_comes_back(procs: Processes) -> None:
