@@ -64,6 +64,7 @@ class Metrics:
         self.models: dict[tuple[str, str], ModelStats] = {}
         self.known_models: Callable[[], frozenset[str]] = frozenset
         self.policy = "round_robin"
+        self.policy_stats: Callable[[], dict[str, object]] = dict
 
     def finish(self, status: int, latency_ms: float, client_error: bool = False) -> None:
         """Count one answered request (`client_error`: a 4xx the gateway made for bad input)."""
@@ -141,6 +142,7 @@ class Metrics:
             "ttft_ms": percentiles(self.ttft),
             "latency_ms": percentiles(self.request_latency),
             "routing_policy": self.policy,
+            "routing": self.policy_stats(),
             "models": self.models_json(),
             "backends": [_backend_json(b) for b in backends],
         }
@@ -216,6 +218,21 @@ class Metrics:
         )
         for key in ("entries", "size_bytes", "max_size_bytes"):
             gauge(f"ntonix_cache_{key}", f"Cache {key.replace('_', ' ')}.", [((), cache.get(key, 0))])
+        routing = self.policy_stats()
+        gauge(
+            "ntonix_routing_policy_info",
+            "The balancing policy (label policy), always 1.",
+            [((("policy", str(routing.get("policy", self.policy))),), 1)],
+        )
+        index = routing.get("prefix_index")
+        if isinstance(index, dict):
+            for name, value in sorted(index.items()):
+                if isinstance(value, int | float):
+                    gauge(
+                        f"ntonix_prefix_index_{name}",
+                        f"Prefix index: {name.replace('_', ' ')}.",
+                        [((), value)],
+                    )
         counter(
             "ntonix_requests_client_error_total",
             "Answers >= 400 the gateway made for bad input.",

@@ -90,5 +90,6 @@ class Exchange:
                 except msgspec.DecodeError:
                     decoded = None
                 request = decoded if isinstance(decoded, dict) else None
-            self.prompt = prompt_text(self.route, request)
+            # namespaced by model: one prefix index serves every model pool
+            self.prompt = f"{self.model or ''}\n{prompt_text(self.route, request)}"
         return self.prompt
