@@ -78,6 +78,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     bind_address: str = "0.0.0.0"
     # On SIGTERM/SIGINT, how long requests in flight may take to finish.
     shutdown_grace_seconds: float = 30.0
+    # Gateway processes sharing the ports (SO_REUSEPORT); each has its own L1 cache and counters.
+    workers: int = 1
 
 
 class BackendConfig(
@@ -124,6 +126,20 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     streaming: bool = False
     # Whether identical streaming requests join one live generation (X-Cache: COALESCED).
     coalesce_streams: bool = True
+    # Shared second tier: redis://, rediss:// or unix:// URL of a Redis or Valkey; empty means none.
+    redis_url: str = ""
+    # Bound on the one Redis read an L1 miss makes; slower is a miss.
+    redis_timeout_ms: float = 25.0
+    # Answers larger than this are kept in L1 only.
+    redis_max_entry_mb: float = 4.0
+    # Writes waiting for Redis; when full, further writes are dropped (and counted).
+    redis_write_queue: int = 1024
+    # Consecutive Redis failures that open its circuit (the tier is skipped until Redis answers).
+    redis_failure_threshold: int = 3
+    # While the circuit is open, time between two reconnect attempts (also the heartbeat period).
+    redis_retry_seconds: float = 1.0
+    # Connections to Redis per gateway process.
+    redis_max_connections: int = 32
 
 
 class SslConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -571,8 +587,19 @@ _RULES: dict[str, _Rule] = {
     "server.threads": _ONE_OR_MORE,
     "server.bind_address": _NOT_BLANK,
     "server.shutdown_grace_seconds": _NOT_NEGATIVE,
+    "server.workers": _Rule(lambda v: 1 <= v <= 256, "an integer in 1..256"),
     "cache.max_size_mb": _NOT_NEGATIVE_INT,
     "cache.ttl_seconds": _POSITIVE,
+    "cache.redis_url": _Rule(
+        lambda v: not v or ("://" in v and v.split("://", 1)[0] in ("redis", "rediss", "unix")),
+        "empty or a redis://, rediss:// or unix:// URL",
+    ),
+    "cache.redis_timeout_ms": _POSITIVE,
+    "cache.redis_max_entry_mb": _POSITIVE,
+    "cache.redis_write_queue": _ONE_OR_MORE,
+    "cache.redis_failure_threshold": _ONE_OR_MORE,
+    "cache.redis_retry_seconds": _POSITIVE,
+    "cache.redis_max_connections": _ONE_OR_MORE,
     "logging.max_file_size_mb": _POSITIVE,
     "logging.max_files": _ONE_OR_MORE,
     "health_check.path": _Rule(lambda v: v.startswith("/"), "a path starting with /"),

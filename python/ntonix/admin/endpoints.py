@@ -73,7 +73,15 @@ def ready(gw: Gateway, scope: Any, proto: Any) -> int:
 def cache_stats_document(gw: Gateway) -> dict[str, Any]:
     stats = gw.cache_stats()
     lookups = stats["hits"] + stats["misses"]
-    return {"enabled": gw.cache is not None, **stats, "hit_rate": stats["hits"] / lookups if lookups else 0.0}
+    document: dict[str, Any] = {
+        "enabled": gw.cache is not None,
+        **stats,
+        "hit_rate": stats["hits"] / lookups if lookups else 0.0,
+    }
+    shared = gw.redis_stats()
+    if shared is not None:  # only with `cache.redis_url`
+        document["redis"] = shared
+    return document
 
 
 def cache_stats(gw: Gateway, scope: Any, proto: Any) -> int:
@@ -92,6 +100,8 @@ def metrics(gw: Gateway, scope: Any, proto: Any) -> int:
 
 def prometheus(gw: Gateway, scope: Any, proto: Any) -> int:
     text = gw.metrics.prometheus(gw.backends, gw.cache_stats(), gw.cache is not None)
+    if gw.redis is not None:
+        text += gw.redis.prometheus()
     proto.response_str(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text)
     return 200
 
