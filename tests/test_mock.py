@@ -329,6 +329,7 @@ def test_bad_json_and_bad_headers_are_400(mock: Mock) -> None:
         response = HTTP.post(mock.url + "/v1/chat/completions", content=body, timeout=5)
         assert response.status_code == 400, body
         assert response.json()["error"]["type"] == "invalid_request_error"
+        assert response.json()["error"]["message"].startswith("invalid chat request: ")
     for name, value in [("X-Mock-Tokens", "many"), ("X-Mock-Latency-Ms", "-5"), ("X-Mock-Status", "302")]:
         response = HTTP.post(mock.url + "/v1/chat/completions", json=chat(), headers={name: value}, timeout=5)
         assert response.status_code == 400, name

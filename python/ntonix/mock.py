@@ -643,6 +643,13 @@ _ADMIN: Final = 0
 _HEALTH: Final = 1
 _PUBLIC: Final = 2
 _MODEL_ROUTE: Final = "/v1/models/{id}"
+_REQUEST_KINDS: Final = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completion",
+    "/v1/embeddings": "embedding",
+    "/v1/responses": "responses",
+    "/tokenize": "tokenize",
+}
 
 
 # --- the app
@@ -777,20 +784,19 @@ class MockApp:
     # --- what every non-admin request goes through
 
     async def _public(self, call: _Call, path: str, kind: int, handler: _Handler) -> None:
-        stats = self.stats
         scope = call.scope
         self._recorded.append(
             (scope.method, scope.path, scope.query_string, scope.headers.items(), call.body)
         )
-        stats.requests += 1
-        stats.requests_by_endpoint[path] = stats.requests_by_endpoint.get(path, 0) + 1
+        self.stats.requests += 1
+        self.stats.requests_by_endpoint[path] = self.stats.requests_by_endpoint.get(path, 0) + 1
         if path == "/v1/chat/completions":
-            stats.chat_requests += 1
+            self.stats.chat_requests += 1
         headers = call.headers
         request_id = headers.get("x-request-id")
         if request_id is not None:
             if self.options.uuid_request_ids and not _is_uuid(request_id):
-                stats.rejected += 1
+                self.stats.rejected += 1
                 call.proto.response_empty(400, [])
                 return
             if _flag(headers, "x-mock-echo-request-id"):
@@ -799,7 +805,7 @@ class MockApp:
             await handler(call)
             return
         if path.startswith("/v1/") and not self._authorised(headers):
-            stats.rejected += 1
+            self.stats.rejected += 1
             self._unauthorised(call.proto, call.extra_headers)
             return
         call.gzip = (self.options.gzip or _flag(headers, "x-mock-gzip")) and _accepts_gzip(
@@ -807,9 +813,9 @@ class MockApp:
         )
         counted = scope.method == "POST"
         if counted:
-            stats.in_flight += 1
-            if stats.in_flight > stats.peak_in_flight:
-                stats.peak_in_flight = stats.in_flight
+            self.stats.in_flight += 1
+            if self.stats.in_flight > self.stats.peak_in_flight:
+                self.stats.peak_in_flight = self.stats.in_flight
         try:
             slot = self._slot
             if slot is None:
@@ -817,18 +823,18 @@ class MockApp:
                 return
             if slot.locked():
                 call.watch_disconnect()
-            stats.waiting += 1
+            self.stats.waiting += 1
             try:
                 await slot.acquire()
             finally:
-                stats.waiting -= 1
+                self.stats.waiting -= 1
             try:
                 await handler(call)
             finally:
                 slot.release()
         finally:
             if counted:
-                stats.in_flight -= 1
+                self.stats.in_flight -= 1
 
     def _authorised(self, headers: dict[str, str]) -> bool:
         key = self.options.api_key
@@ -966,13 +972,12 @@ class MockApp:
     # --- generation endpoints: what they share
 
     async def _generate(self, call: _Call, prepare: _Generator) -> None:
-        stats = self.stats
         streaming = False
         proto = call.proto
         try:
             headers = call.headers
-            stats.last_headers = headers
-            stats.last_body = call.body.decode("utf-8", "replace")
+            self.stats.last_headers = headers
+            self.stats.last_body = call.body.decode("utf-8", "replace")
             try:
                 knobs = _parse_knobs(headers, self.defaults)
             except _BadRequestError as err:
@@ -980,7 +985,7 @@ class MockApp:
                 return
             if knobs.hang:
                 await proto.client_disconnect()
-                stats.requests_cancelled += 1
+                self.stats.requests_cancelled += 1
                 return
             if knobs.latency or knobs.interval:
                 call.watch_disconnect()
@@ -994,7 +999,7 @@ class MockApp:
             try:
                 reply = prepare(call, knobs)
             except msgspec.DecodeError as err:
-                what = call.scope.path.rsplit("/", 1)[-1].replace("_", " ")
+                what = _REQUEST_KINDS.get(call.scope.path, "")
                 self._error(
                     proto,
                     400,
@@ -1011,7 +1016,7 @@ class MockApp:
                 return
             streaming = reply.events is not None
             if streaming:
-                stats.streams_started += 1
+                self.stats.streams_started += 1
             # A non-streamed answer is ready when its stream would have ended: latency plus generation.
             delay = knobs.latency + reply.prefill
             if not streaming:
@@ -1026,9 +1031,9 @@ class MockApp:
             if not call.watch_fired:
                 raise
             if streaming:
-                stats.streams_cancelled += 1
+                self.stats.streams_cancelled += 1
             else:
-                stats.requests_cancelled += 1
+                self.stats.requests_cancelled += 1
 
     def _admit(self, text: str) -> tuple[float, int]:
         """Run a prompt text through the KV cache: its prefill time and cached characters."""

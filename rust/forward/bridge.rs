@@ -20,6 +20,9 @@ pub type Convert = Box<dyn FnOnce(Python<'_>) -> PyResult<Py<PyAny>> + Send>;
 
 struct Completion {
     future: Py<PyAny>,
+    /// The future's cancel hook, removed before the result is set (a hook left on the future would
+    /// cost one more loop callback per operation, i.e. per stream chunk).
+    hook: Option<Py<PyAny>>,
     result: Result<Convert, Error>,
 }
 
@@ -50,8 +53,17 @@ impl Bridge {
     }
 
     /// Called from any thread when a task finishes.
-    pub fn complete(&self, future: Py<PyAny>, result: Result<Convert, Error>) {
-        self.queue.lock().push(Completion { future, result });
+    pub fn complete(
+        &self,
+        future: Py<PyAny>,
+        hook: Option<Py<PyAny>>,
+        result: Result<Convert, Error>,
+    ) {
+        self.queue.lock().push(Completion {
+            future,
+            hook,
+            result,
+        });
         if !self.armed.swap(true, Ordering::AcqRel) {
             // A full socket buffer already guarantees a wake-up, so a failed write loses nothing.
             let _ = (&self.writer).write(&[1]);
@@ -75,6 +87,13 @@ impl Bridge {
                 .unwrap_or(true)
             {
                 continue;
+            }
+            if let Some(hook) = completion.hook {
+                if let Err(err) =
+                    future.call_method1(pyo3::intern!(py, "remove_done_callback"), (hook,))
+                {
+                    err.write_unraisable(py, Some(future));
+                }
             }
             let outcome = match completion.result {
                 Ok(convert) => convert(py).and_then(|value| {

@@ -4,6 +4,7 @@
 //! (every in-flight request owns a connection, idle ones are reused); a response body is read frame
 //! by frame and never buffered whole unless the caller asks for it; dropping a `Response` or
 //! aborting its `BodyReader` before the end closes that connection instead of returning it.
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -152,11 +153,11 @@ impl Upstream {
             })
             .collect();
         Ok(Response {
-            first_byte_left: (start + wait).saturating_duration_since(Instant::now()),
             status: parts.status.as_u16(),
             headers,
             body: BodyReader {
                 body: Some(body),
+                first_byte_deadline: Some(start + wait),
                 deadline,
                 idle: self.timeouts.idle,
                 authority,
@@ -194,9 +195,6 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
 
 /// Status line and headers of an upstream answer, and the reader of its body.
 pub struct Response {
-    /// What is left of the first-byte budget once the headers arrived: the first body chunk of a
-    /// stream (the first token) is still "first byte" for the client.
-    pub first_byte_left: Duration,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: BodyReader,
@@ -215,14 +213,36 @@ impl Abort {
         self.notify.notify_waiters();
     }
 
-    fn is_set(&self) -> bool {
+    pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Run `work` unless the abort fires first (then `None`; `work` is dropped).
+    ///
+    /// NOTE: the `Notified` future is created and enabled *before* the flag is checked, so a
+    /// `trigger()` landing between the check and the wait is never lost (`notify_waiters` only
+    /// wakes waiters that already exist; checking first left a window where it woke nobody).
+    pub async fn unless_triggered<F: Future>(&self, work: F) -> Option<F::Output> {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_set() {
+            return None;
+        }
+        tokio::select! {
+            biased;
+            () = notified => None,
+            out = work => Some(out),
+        }
     }
 }
 
-/// Reads a response body frame by frame under the idle and total timeouts.
+/// Reads a response body frame by frame under the first-byte, idle and total timeouts.
 pub struct BodyReader {
     body: Option<Incoming>,
+    /// Until the first data frame arrived: the first chunk of a stream (the first token) is still
+    /// "first byte" for the client, so it waits for what is left of that budget, not `idle`.
+    first_byte_deadline: Option<Instant>,
     deadline: Instant,
     idle: Duration,
     authority: String,
@@ -235,21 +255,9 @@ impl BodyReader {
         self.abort.clone()
     }
 
-    /// Next chunk of the body as the backend sent it, or `None` at the end.
+    /// Next chunk of the body as the backend sent it, or `None` at the end (or once aborted).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
-        self.next_chunk_within(self.idle, Phase::Idle).await
-    }
-
-    /// Next chunk, waiting at most `wait` of silence (reported as `phase` when it runs out).
-    pub async fn next_chunk_within(
-        &mut self,
-        wait: Duration,
-        wait_phase: Phase,
-    ) -> Result<Option<Bytes>> {
         loop {
-            if self.abort.is_set() {
-                self.body = None;
-            }
             let Some(body) = self.body.as_mut() else {
                 return Ok(None);
             };
@@ -258,18 +266,22 @@ impl BodyReader {
                 self.body = None;
                 return Err(self.timeout(Phase::Total));
             }
+            let (wait, wait_phase) = match self.first_byte_deadline {
+                Some(first) => (first.saturating_duration_since(now), Phase::FirstByte),
+                None => (self.idle, Phase::Idle),
+            };
             let (limit, phase) = if self.deadline - now < wait {
                 (self.deadline - now, Phase::Total)
             } else {
                 (wait, wait_phase)
             };
             let abort = self.abort.clone();
-            let frame = tokio::select! {
-                frame = tokio::time::timeout(limit, body.frame()) => frame,
-                () = abort.notify.notified() => {
-                    self.body = None;
-                    return Ok(None);
-                }
+            let Some(frame) = abort
+                .unless_triggered(tokio::time::timeout(limit, body.frame()))
+                .await
+            else {
+                self.body = None;
+                return Ok(None);
             };
             match frame {
                 Err(_) => {
@@ -290,6 +302,7 @@ impl BodyReader {
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
                         if !data.is_empty() {
+                            self.first_byte_deadline = None;
                             return Ok(Some(data));
                         }
                     }
@@ -298,8 +311,19 @@ impl BodyReader {
         }
     }
 
+    /// The next chunk if it is already there or arrives within `grace`; `Ok(None)` otherwise, with
+    /// the reader left as it was (nothing is lost: `frame()` is cancel-safe).
+    pub async fn chunk_if_ready(&mut self, grace: Duration) -> Result<Option<Bytes>> {
+        match tokio::time::timeout(grace, self.next_chunk()).await {
+            Ok(chunk) => chunk,
+            Err(_) => Ok(None),
+        }
+    }
+
     /// The rest of the body in one buffer (for answers the client receives whole).
     pub async fn read_all(&mut self) -> Result<Bytes> {
+        // A whole answer's body follows its headers: it is read under the idle limit, as before.
+        self.first_byte_deadline = None;
         let Some(first) = self.next_chunk().await? else {
             return Ok(Bytes::new());
         };

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{Timeouts, Upstream};
+use super::{Abort, Timeouts, Upstream};
 use crate::errors::{Error, Phase};
 
 fn timeouts() -> Timeouts {
@@ -307,4 +307,160 @@ fn hop_by_hop_request_headers_are_dropped_and_host_is_set() {
     );
     assert!(Upstream::build_request("BAD METHOD", "http://x/", &[], Bytes::new()).is_err());
     assert!(Upstream::build_request("GET", "not a url", &[], Bytes::new()).is_err());
+}
+
+/// A server that sends the status line and headers at once, the first chunk after `delay` (or with
+/// the headers when `delay` is zero), then ends the body.
+async fn late_first_chunk_server(delay: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if !read_request(&mut sock).await {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                if delay.is_zero() {
+                    let both = format!("{head}6\r\ndata:1\r\n");
+                    let _ = sock.write_all(both.as_bytes()).await;
+                } else {
+                    let _ = sock.write_all(head.as_bytes()).await;
+                    tokio::time::sleep(delay).await;
+                    let _ = sock.write_all(b"6\r\ndata:1\r\n").await;
+                }
+                let _ = sock.write_all(b"0\r\n\r\n").await;
+                let mut buf = [0u8; 64];
+                while matches!(sock.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    format!("http://{addr}/stream")
+}
+
+#[tokio::test]
+async fn headers_are_answered_before_a_late_first_chunk() {
+    let url = late_first_chunk_server(Duration::from_millis(400)).await;
+    let upstream = Upstream::new(
+        timeouts_with_first_byte(Duration::from_secs(2)),
+        Duration::from_secs(30),
+    );
+    let started = std::time::Instant::now();
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    let early = response
+        .body
+        .chunk_if_ready(Duration::from_millis(2))
+        .await
+        .expect("no error");
+    assert!(
+        early.is_none(),
+        "the first chunk was not sent yet: {early:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(200),
+        "headers were held back: {:?}",
+        started.elapsed()
+    );
+    // The first chunk still comes under the first-byte budget (2 s), not the idle one (300 ms).
+    let first = response.body.next_chunk().await.expect("chunk");
+    assert_eq!(first, Some(Bytes::from_static(b"data:1")));
+    assert!(started.elapsed() >= Duration::from_millis(390));
+    assert!(response.body.next_chunk().await.expect("end").is_none());
+}
+
+#[tokio::test]
+async fn a_first_chunk_sent_with_the_headers_is_ready_at_once() {
+    let url = late_first_chunk_server(Duration::ZERO).await;
+    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    let early = response
+        .body
+        .chunk_if_ready(Duration::from_millis(2))
+        .await
+        .expect("no error");
+    assert_eq!(early, Some(Bytes::from_static(b"data:1")));
+    assert!(response.body.next_chunk().await.expect("end").is_none());
+}
+
+#[tokio::test]
+async fn a_missing_first_chunk_is_a_first_byte_timeout() {
+    let url = late_first_chunk_server(Duration::from_secs(3)).await;
+    let mut limits = timeouts_with_first_byte(Duration::from_millis(300));
+    limits.idle = Duration::from_secs(5);
+    let upstream = Upstream::new(limits, Duration::from_secs(30));
+    let started = std::time::Instant::now();
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    let err = response.body.next_chunk().await.expect_err("must time out");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                phase: Phase::FirstByte,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+fn timeouts_with_first_byte(first_byte: Duration) -> Timeouts {
+    Timeouts {
+        first_byte,
+        ..timeouts()
+    }
+}
+
+#[tokio::test]
+async fn a_trigger_before_the_wait_is_seen() {
+    let abort = Abort::default();
+    abort.trigger();
+    let waited = tokio::time::timeout(
+        Duration::from_secs(1),
+        abort.unless_triggered(std::future::pending::<()>()),
+    )
+    .await
+    .expect("a trigger that came first was lost");
+    assert!(waited.is_none());
+}
+
+/// Issue 9 item 17: a `trigger()` from another thread racing the start of a wait must never be
+/// lost (the wait must end at once, not at the next frame or the idle timeout). Each round starts
+/// a wait while another thread triggers at a slightly different moment, sweeping the window.
+#[test]
+fn a_trigger_racing_the_start_of_a_wait_is_never_lost() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    for round in 0..4000u32 {
+        let abort = Arc::new(Abort::default());
+        let other = abort.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let spin = round % 200;
+        let trigger = std::thread::spawn(move || {
+            let _ = ready_rx.recv();
+            for _ in 0..spin {
+                std::hint::spin_loop();
+            }
+            other.trigger();
+        });
+        let waited = runtime.block_on(async {
+            let _ = ready_tx.send(());
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                abort.unless_triggered(std::future::pending::<()>()),
+            )
+            .await
+        });
+        trigger.join().expect("trigger thread");
+        assert!(
+            matches!(waited, Ok(None)),
+            "round {round}: the trigger was lost"
+        );
+    }
 }

@@ -8,12 +8,13 @@ mod bridge;
 mod client;
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyBytes, PyList};
 use pyo3::{PyTraverseError, PyVisit};
 use tokio::task::AbortHandle;
 
@@ -33,6 +34,39 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
         .map_err(|_| Error::InvalidArgument(format!("{name} is out of range: {value}")).into())
 }
 
+/// How long `request(buffer=False)` waits for the first body chunk after the headers arrived, so
+/// that a chunk sent with (or right behind) the headers reaches Python with them.
+const FIRST_CHUNK_GRACE: Duration = Duration::from_millis(2);
+
+/// Done-callback of an asyncio future: when the future is cancelled (`Task.cancel()` on a task
+/// awaiting it, `Pending.cancel()`, `asyncio.wait_for` running out), it stops the upstream work.
+#[pyclass(frozen, module = "ntonix._core")]
+struct CancelHook {
+    on_cancel: Box<dyn Fn() + Send + Sync>,
+}
+
+#[pymethods]
+impl CancelHook {
+    fn __call__(&self, future: &Bound<'_, PyAny>) -> PyResult<()> {
+        if future
+            .call_method0(pyo3::intern!(future.py(), "cancelled"))?
+            .is_truthy()?
+        {
+            (self.on_cancel)();
+        }
+        Ok(())
+    }
+}
+
+/// What cancelling an operation's future does.
+enum OnCancel {
+    /// Abort the tokio task: its future is dropped, and with it the request and its connection.
+    AbortTask,
+    /// Trigger the body reader's abort: the read in progress drops the body, which closes the
+    /// connection (aborting the task alone would leave the body alive in the reader).
+    Trigger(Arc<Abort>),
+}
+
 /// The event loop a forwarder serves and the bridge that wakes it.
 struct LoopLink {
     event_loop: Py<PyAny>,
@@ -40,12 +74,14 @@ struct LoopLink {
 }
 
 impl LoopLink {
-    /// Run `work` on the runtime; its result resolves a new asyncio future of this loop.
+    /// Run `work` on the runtime; its result resolves a new asyncio future of this loop. Cancelling
+    /// that future stops the work as `on_cancel` says.
     fn spawn<T, W, C>(
         self: &Arc<Self>,
         py: Python<'_>,
         work: W,
         convert: C,
+        on_cancel: OnCancel,
     ) -> PyResult<(Py<PyAny>, AbortHandle)>
     where
         T: Send + 'static,
@@ -56,17 +92,39 @@ impl LoopLink {
         let future = self
             .event_loop
             .bind(py)
-            .call_method0(pyo3::intern!(py, "create_future"))?
-            .unbind();
+            .call_method0(pyo3::intern!(py, "create_future"))?;
+        // The task's abort handle exists only once it is spawned, and the hook must be on the
+        // future before the task can finish: the slot is filled right after the spawn (the task's
+        // result is only read on this thread, by `drain`, so it cannot be seen before that).
+        let slot: Arc<OnceLock<AbortHandle>> = Arc::new(OnceLock::new());
+        let on_cancel: Box<dyn Fn() + Send + Sync> = match on_cancel {
+            OnCancel::AbortTask => {
+                let slot = slot.clone();
+                Box::new(move || {
+                    if let Some(task) = slot.get() {
+                        task.abort();
+                    }
+                })
+            }
+            OnCancel::Trigger(abort) => Box::new(move || abort.trigger()),
+        };
+        let hook = Py::new(py, CancelHook { on_cancel })?.into_any();
+        future.call_method1(
+            pyo3::intern!(py, "add_done_callback"),
+            (hook.clone_ref(py),),
+        )?;
+        let future = future.unbind();
         let target = future.clone_ref(py);
         let link = self.clone();
         let task = runtime.spawn(async move {
             let result = work
                 .await
                 .map(|value| Box::new(move |py: Python<'_>| convert(py, value)) as Convert);
-            link.bridge.complete(target, result);
+            link.bridge.complete(target, Some(hook), result);
         });
-        Ok((future, task.abort_handle()))
+        let abort = task.abort_handle();
+        let _ = slot.set(abort.clone());
+        Ok((future, abort))
     }
 }
 
@@ -125,8 +183,8 @@ impl Forwarder {
         self.link.bridge.drain(py);
     }
 
-    /// Send a request upstream. Await the answer for the `UpstreamResponse`, resolved once the status
-    /// line and headers arrived (with `buffer=True`, once the whole body arrived too).
+    /// Send a request upstream. Await the answer for the `UpstreamResponse`, resolved as soon as the
+    /// status line and headers arrived (with `buffer=True`, once the whole body arrived too).
     #[pyo3(signature = (method, url, headers, body, buffer=false))]
     fn request(
         &self,
@@ -142,22 +200,24 @@ impl Forwarder {
         let link = self.link.clone();
         let work = async move {
             let mut response = upstream.send(request).await?;
-            // NOTE: a stream's first chunk is read here too, so the first token reaches Python with
-            // the headers: one loop round trip less on the time-to-first-token path.
+            // NOTE: the headers are answered as soon as they arrive (a backend in a long prefill
+            // must not hold the client's status line back); a first chunk that came with them, or
+            // arrives within the grace, rides along: one loop round trip less to the first token.
             let body = if buffer {
                 Some(response.body.read_all().await?)
             } else {
-                let wait = response.first_byte_left.max(Duration::from_millis(1));
-                response
-                    .body
-                    .next_chunk_within(wait, Phase::FirstByte)
-                    .await?
+                response.body.chunk_if_ready(FIRST_CHUNK_GRACE).await?
             };
             Ok((response, body))
         };
-        let (future, abort) = self.link.spawn(py, work, move |py, (response, body)| {
-            Ok(Py::new(py, UpstreamResponse::new(response, body, link))?.into_any())
-        })?;
+        let (future, abort) = self.link.spawn(
+            py,
+            work,
+            move |py, (response, body)| {
+                Ok(Py::new(py, UpstreamResponse::new(response, body, link))?.into_any())
+            },
+            OnCancel::AbortTask,
+        )?;
         Ok(Pending { future, abort })
     }
 
@@ -186,9 +246,12 @@ impl Forwarder {
                 }),
             }
         };
-        let (future, abort) = self.link.spawn(py, work, |py, status| {
-            Ok(status.into_pyobject(py)?.into_any().unbind())
-        })?;
+        let (future, abort) = self.link.spawn(
+            py,
+            work,
+            |py, status| Ok(status.into_pyobject(py)?.into_any().unbind()),
+            OnCancel::AbortTask,
+        )?;
         Ok(Pending { future, abort })
     }
 }
@@ -239,6 +302,8 @@ pub struct UpstreamResponse {
     #[pyo3(get)]
     status: u16,
     headers: Vec<(String, String)>,
+    /// The Python list of `headers`, built on first access and handed out as is after that.
+    headers_py: PyOnceLock<Py<PyList>>,
     body: Option<Bytes>,
     reader: Arc<tokio::sync::Mutex<BodyReader>>,
     abort: Arc<Abort>,
@@ -251,6 +316,7 @@ impl UpstreamResponse {
         Self {
             status: response.status,
             headers: response.headers,
+            headers_py: PyOnceLock::new(),
             body,
             reader: Arc::new(tokio::sync::Mutex::new(response.body)),
             abort,
@@ -261,14 +327,20 @@ impl UpstreamResponse {
 
 #[pymethods]
 impl UpstreamResponse {
-    /// Response headers without the hop-by-hop ones, lower-case names, in arrival order.
+    /// Response headers without the hop-by-hop ones, lower-case names, in arrival order. Built once:
+    /// every access answers the same list (copy it before changing it).
     #[getter]
-    fn headers(&self) -> Vec<(String, String)> {
-        self.headers.clone()
+    fn headers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = self
+            .headers_py
+            .get_or_try_init(py, || PyList::new(py, &self.headers).map(Bound::unbind))?;
+        Ok(list.bind(py).clone())
     }
 
-    /// The whole body when the request was sent with `buffer=True`; else the first chunk of the
-    /// body (`None` when the body is empty). Later chunks come from `next_chunk`.
+    /// The whole body when the request was sent with `buffer=True`. Else the first chunk of the body
+    /// if it came with the headers (or within a few milliseconds of them), or `None` when it had not
+    /// arrived yet (or the body is empty): the chunks, the first one included, then come from
+    /// `next_chunk`, which answers `None` only at the end of the body.
     #[getter]
     fn body<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
         self.body.as_ref().map(|data| PyBytes::new(py, data))
@@ -284,17 +356,20 @@ impl UpstreamResponse {
     }
 
     /// Awaitable of the next body chunk exactly as the backend sent it, or `None` at the end.
+    /// Cancelling it closes the upstream connection (the rest of the body is given up).
     fn next_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let reader = self.reader.clone();
         let work = async move { reader.lock().await.next_chunk().await };
-        Ok(self.link.spawn(py, work, chunk_to_py)?.0)
+        let on_cancel = OnCancel::Trigger(self.abort.clone());
+        Ok(self.link.spawn(py, work, chunk_to_py, on_cancel)?.0)
     }
 
-    /// Awaitable of the rest of the body in one `bytes`.
+    /// Awaitable of the rest of the body in one `bytes`; cancelling it closes the connection.
     fn read(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let reader = self.reader.clone();
         let work = async move { reader.lock().await.read_all().await.map(Some) };
-        Ok(self.link.spawn(py, work, chunk_to_py)?.0)
+        let on_cancel = OnCancel::Trigger(self.abort.clone());
+        Ok(self.link.spawn(py, work, chunk_to_py, on_cancel)?.0)
     }
 
     /// Stop reading: the upstream connection is closed (not pooled), so the backend stops.
