@@ -72,7 +72,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     port: int = 8080
     # HTTPS listening port, used only when ssl.enabled.
     ssl_port: int = 8443
-    # Runtime I/O threads of the single worker process (defaults to the CPU count).
+    # Runtime I/O threads of each gateway process (defaults to the CPU count).
     threads: int = msgspec.field(default_factory=_cpu_count)
     # Address both listeners bind to.
     bind_address: str = "0.0.0.0"
@@ -325,6 +325,7 @@ _CLI_KEYS: dict[str, tuple[str, str]] = {
     "port": ("server.port", "--port"),
     "ssl_port": ("server.ssl_port", "--ssl-port"),
     "threads": ("server.threads", "--threads"),
+    "workers": ("server.workers", "--workers"),
     "bind_address": ("server.bind_address", "--bind"),
     "backends": ("backends", "--backend"),
     "log_level": ("logging.level", "--log-level"),
@@ -353,6 +354,7 @@ _ENV_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "NTONIX_PORT": ("server.port", _env_int),
     "NTONIX_SSL_PORT": ("server.ssl_port", _env_int),
     "NTONIX_THREADS": ("server.threads", _env_int),
+    "NTONIX_WORKERS": ("server.workers", _env_int),
     "NTONIX_BIND_ADDRESS": ("server.bind_address", str.strip),
     "NTONIX_BACKENDS": ("backends", _env_backends),
     "NTONIX_LOG_LEVEL": ("logging.level", _env_level),

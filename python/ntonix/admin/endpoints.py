@@ -8,6 +8,7 @@ Kubernetes.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from ntonix import __version__
 from ntonix.admin import dashboard
 from ntonix.errors import GatewayError
 from ntonix.routes.spec import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from ntonix.system import worker_id
 
 if TYPE_CHECKING:
     from ntonix.gateway import Gateway
@@ -94,6 +96,8 @@ def metrics(gw: Gateway, scope: Any, proto: Any) -> int:
     if "text/plain" in accept or "openmetrics" in accept:
         return prometheus(gw, scope, proto)
     document = gw.metrics.snapshot(gw.backends, gw.cache_stats())
+    # with server.workers > 1 each worker answers for its own process only
+    document["process"] = {"pid": os.getpid(), "worker": worker_id()}
     proto.response_bytes(200, JSON_HEADERS, _encode(document))
     return 200
 
