@@ -13,6 +13,7 @@ traffic and saves the screenshot the README shows (docs/dashboard.png).
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import threading
@@ -33,9 +34,11 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from werkzeug import Request, Response
 
-from tests.conftest import REPO, Proc, Processes, chat_body
+from tests.conftest import Proc, Processes, chat_body
 
-SCREENSHOT = REPO / "docs" / "dashboard.png"
+# The README's picture is refreshed only on request (`NTONIX_SCREENSHOT=docs/dashboard.png`), so a
+# test run leaves the work tree clean; otherwise the screenshot goes to a temporary file.
+SCREENSHOT_TARGET = os.environ.get("NTONIX_SCREENSHOT")
 HEALTH_INTERVAL = 0.2
 UNHEALTHY_AFTER = 2
 MODEL = "llama-3.1-8b-instruct"
@@ -219,7 +222,7 @@ def test_shows_every_backend(browser: WebDriver, cluster: tuple[Proc, list[Proc]
 
 
 def test_counters_move_with_traffic_and_screenshot(
-    browser: WebDriver, cluster: tuple[Proc, list[Proc]]
+    browser: WebDriver, cluster: tuple[Proc, list[Proc]], tmp_path: Path
 ) -> None:
     gateway, _ = cluster
     open_page(browser, gateway)
@@ -293,9 +296,10 @@ def test_counters_move_with_traffic_and_screenshot(
         )
         browser.set_window_size(1360, int(frame) + int(height))
         until(browser, lambda d: page_state(d)["ttft"] != NO_DATA, 10, "TTFT shown")
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        assert browser.save_screenshot(str(SCREENSHOT))
-        assert SCREENSHOT.stat().st_size > 20_000
+        shot = Path(SCREENSHOT_TARGET) if SCREENSHOT_TARGET else tmp_path / "dashboard.png"
+        shot.parent.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 20_000
         # The same page on a phone: no sideways scrolling of the page itself (tables scroll inside).
         browser.set_window_size(390, 844)
         until(

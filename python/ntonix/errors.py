@@ -44,7 +44,7 @@ _TYPES = {
 }
 
 
-class _ErrorDetail(msgspec.Struct):
+class _ErrorDetail(msgspec.Struct, omit_defaults=True):
     message: str
     type: str
     code: str

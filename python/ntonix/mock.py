@@ -1488,8 +1488,8 @@ def serve_mock(
     type=click.IntRange(min=0),
     default=0,
     show_default=True,
-    help="KV prefix cache emulation: LRU capacity in blocks, 0 = off. Reports "
-    "usage.prompt_tokens_details.cached_tokens (cached chars / 4).",
+    help="KV prefix cache emulation: LRU capacity in blocks, 0 = off. When on, usage.prompt_tokens is "
+    "prompt chars / 4 and usage.prompt_tokens_details.cached_tokens cached chars / 4.",
 )
 @click.option(
     "--kv-block-chars",

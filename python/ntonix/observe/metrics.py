@@ -49,6 +49,9 @@ class Metrics:
         self.requests_success = 0
         self.requests_error = 0
         self.coalesced = 0
+        self.coalesced_streams = 0  # streaming requests that joined a live generation
+        self.stream_group_peak = 0  # most clients attached to one live generation
+        self.followers_dropped = 0  # followers disconnected for falling behind
         self.retries = 0
         self.client_disconnects = 0
         self.stream_errors = 0
@@ -120,6 +123,9 @@ class Metrics:
             "cache_misses": misses,
             "cache_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
             "cache_coalesced": self.coalesced,
+            "streams_coalesced": self.coalesced_streams,
+            "stream_group_clients_max": self.stream_group_peak,
+            "stream_followers_dropped": self.followers_dropped,
             "uptime_seconds": time.monotonic() - self.started,
             "connections_active": self.requests_active,
             "connections_total": self.requests_total,

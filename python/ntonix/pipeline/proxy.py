@@ -41,6 +41,7 @@ from ntonix.errors import (
     error_body,
 )
 from ntonix.pipeline.exchange import Exchange, client_request_id
+from ntonix.pipeline.fanout import LAG_BOUND_BYTES, StreamGroup
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
 
@@ -84,6 +85,8 @@ class Proxy:
         self.forwarder = forwarder
         self.cache = cache
         self.cache_streams = settings.cache.streaming
+        self.coalesce_streams = settings.cache.coalesce_streams
+        self.streams: dict[int, StreamGroup] = {}
         self.metrics = metrics
         self.registry = registry
         self.retries = settings.proxy.retries
@@ -139,7 +142,7 @@ class Proxy:
         if self.session_header:
             ex.session_header = headers.get(self.session_header)
         key: int | None = None
-        if digest is not None and (not facts.stream or self.cache_streams):
+        if digest is not None and (not facts.stream or self.cache_streams or self.coalesce_streams):
             key = cache_key(route.name, model, self._scope(headers, pool), digest)
         cache = self.cache
         if key is not None:
@@ -156,7 +159,10 @@ class Proxy:
                     return
             log.debug("request %s: cache %s", ex.request_id, "refresh (no-cache)" if no_cache else "miss")
         if facts.stream:
-            await self._forward_stream(proto, headers, pool, key, ex)
+            if key is not None and self.coalesce_streams and not no_cache:
+                await self._join_stream(proto, headers, pool, key, ex)
+            else:
+                await self._forward_stream(proto, headers, pool, key, ex)
             return
         leader: asyncio.Future[Answer] | None = None
         if key is not None and not no_cache:
@@ -306,7 +312,13 @@ class Proxy:
         return out
 
     async def _forward(
-        self, proto: Any, headers: Any, pool: BackendPool, ex: Exchange, buffer: bool, cacheable: bool
+        self,
+        proto: Any | None,
+        headers: Any,
+        pool: BackendPool,
+        ex: Exchange,
+        buffer: bool,
+        cacheable: bool,
     ) -> tuple[Lease, UpstreamResponse]:
         """Pick backends and send until one answers; retries only what is safe to retry (see above)."""
         base = self._upstream_headers(headers, ex, cacheable)
@@ -332,7 +344,8 @@ class Proxy:
             elif authorization is not None:
                 send = [*base, ("authorization", authorization)]
             pending = self.forwarder.request("POST", backend.url + path, send, ex.body, buffer)
-            self.slow.add(pending, proto, pending.cancel)
+            if proto is not None:  # None: a shared stream's producer, cancelled when its last client left
+                self.slow.add(pending, proto, pending.cancel)
             try:
                 response = await pending
             except UpstreamConnectError as err:
@@ -491,6 +504,142 @@ class Proxy:
             if self.shared is not None:
                 self.shared.put(key, stored, meta, True, response.status)
 
+    # -- live stream fan-out (see fanout.py) -----------------------------------------------
+
+    async def _join_stream(self, proto: Any, headers: Any, pool: BackendPool, key: int, ex: Exchange) -> None:
+        """Attach this client to the live generation of `key`, starting it when there is none."""
+        group = self.streams.get(key)
+        if group is None:
+            loop = asyncio.get_running_loop()
+            group = self.streams[key] = StreamGroup(loop)
+            group.task = loop.create_task(self._produce(group, headers, pool, key, ex))
+        else:
+            ex.cache = "COALESCED"
+            self.metrics.coalesced_streams += 1
+        group.join()
+        metrics = self.metrics
+        metrics.stream_group_peak = max(metrics.stream_group_peak, group.members)
+        task = asyncio.current_task()
+        token = object()
+        if task is not None:  # a client that leaves while waiting for chunks is noticed by the sweeper
+            self.slow.add(token, proto, task.cancel)
+        try:
+            status, out = await asyncio.shield(group.head)
+            ex.status = status
+            transport = proto.response_stream(
+                status, [*out, ("x-request-id", ex.request_id), ("x-cache", ex.cache)]
+            )
+            metrics.streams_active += 1
+            try:
+                await self._follow(group, transport, ex)
+            finally:
+                metrics.streams_active -= 1
+        finally:
+            self.slow.remove(token)
+            if group.leave() and self.streams.get(key) is group:
+                del self.streams[key]  # cancelled: a request arriving now starts a new generation
+
+    async def _follow(self, group: StreamGroup, transport: Any, ex: Exchange) -> None:
+        """Send the group's chunks from the first one, then as they arrive; drop a follower that lags."""
+        joined_at = group.size
+        sent = index = 0
+        while True:
+            chunks = group.chunks
+            while index < len(chunks):
+                if group.size - sent > LAG_BOUND_BYTES + max(0, joined_at - sent):
+                    self.metrics.followers_dropped += 1
+                    log.warning(
+                        "request %s: follower fell behind the live stream; disconnected", ex.request_id
+                    )
+                    with contextlib.suppress(Exception):
+                        await transport.send_bytes(_lag_event())
+                    ex.status = 499
+                    return
+                chunk = chunks[index]
+                try:
+                    await transport.send_bytes(chunk)
+                except Exception:  # the client left
+                    self.metrics.client_disconnects += 1
+                    ex.status = 499
+                    return
+                if not sent:
+                    ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
+                    self.metrics.ttft.observe(ex.ttfb_ms)
+                index += 1
+                sent += len(chunk)
+                ex.bytes_sent = sent
+            if group.done:
+                return
+            await asyncio.shield(group.wake)
+
+    async def _produce(
+        self, group: StreamGroup, headers: Any, pool: BackendPool, key: int, ex: Exchange
+    ) -> None:
+        """Read one upstream stream into `group`; owned by the group, not by any one client."""
+        lease: Lease | None = None
+        response: UpstreamResponse | None = None
+        done = broken = False
+        usage_chunk: bytes | None = None
+        try:
+            try:
+                lease, response = await self._forward(None, headers, pool, ex, buffer=False, cacheable=True)
+            except GatewayError as err:
+                group.head.set_exception(err)
+                group.head.exception()  # every member answers with it; there may be none left
+                return
+            backend = lease.backend
+            group.head.set_result((response.status, _answer_headers(response.headers)))
+            chunk = response.body
+            if chunk is None:
+                chunk = await response.next_chunk()
+            while chunk is not None:
+                group.append(chunk)
+                backend.last_progress = time.monotonic()
+                if b'"usage"' in chunk:
+                    usage_chunk = chunk
+                if chunk.rstrip().endswith(b"[DONE]"):
+                    done = True
+                try:
+                    chunk = await response.next_chunk()
+                except UpstreamError as err:
+                    if done:
+                        break
+                    broken = True
+                    self.metrics.stream_errors += 1
+                    backend.errors += 1
+                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
+                        log.warning("circuit opened for backend %s", backend.key)
+                    log.warning(
+                        "request %s: shared stream from %s broke: %s", ex.request_id, backend.key, err
+                    )
+                    if (header_value(response.headers, "content-type") or "").startswith("text/event-stream"):
+                        group.append(_stream_error_event(err))
+                    break
+        except asyncio.CancelledError:
+            log.debug("request %s: every client left the shared stream; upstream closed", ex.request_id)
+            broken = True
+        except Exception:
+            log.exception("request %s: shared stream failed inside the gateway", ex.request_id)
+            broken = True
+            if not group.head.done():
+                group.head.set_exception(GatewayError(500, "internal_error", "internal gateway error"))
+                group.head.exception()
+        finally:
+            if response is not None and (broken or not done):
+                response.close()
+            if lease is not None:
+                cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
+                pool.release(ex, lease, cached)
+            if not group.head.done():
+                group.head.cancel()
+            group.finish()
+            if self.streams.get(key) is group:
+                del self.streams[key]
+        stored = self.cache_streams and done and not broken and self.cache is not None
+        if stored and response is not None and 200 <= response.status < 300:
+            assert self.cache is not None
+            self.cache.put(key, pack_chunks(group.chunks), encode_meta(response.headers))
+
     async def _replay_stream(
         self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange
     ) -> None:
@@ -541,6 +690,11 @@ def _accepts(accept_encoding: str | None, encoding: str) -> bool:
         if name.strip() in (wanted, "*") and params.replace(" ", "") not in ("q=0", "q=0.0"):
             return True
     return False
+
+
+def _lag_event() -> bytes:
+    body = error_body(502, "client too slow for the live stream; disconnected", "stream_lagging")
+    return b"\n\ndata: " + body + b"\n\n"
 
 
 def _stream_error_event(err: Exception) -> bytes:
