@@ -168,14 +168,21 @@ def test_a_miss_on_one_gateway_is_a_hit_on_the_other(procs: Processes, redis_ser
     assert f"ntonix_redis_hits_total {len(ROUTES)}" in prometheus
 
 
-def test_entries_over_the_size_cap_stay_local(procs: Processes, redis_server: RedisServer) -> None:
+def test_entries_over_the_size_cap_stay_local_and_streams_need_cache_streaming(
+    procs: Processes, redis_server: RedisServer
+) -> None:
     mock = procs.mock()
-    gw = gateway(procs, mock, redis_server.url, redis_max_entry_mb=0.0001)  # ~100 bytes
+    gw = gateway(procs, mock, redis_server.url, redis_max_entry_mb=0.0001, streaming=False)  # ~100 bytes
     connected(gw)
     assert post(gw, *ROUTES[0]).status_code == 200
     wait_for(lambda: redis_stats(gw)["too_large"] == 1, 5, what="too_large counted")
     assert redis_stats(gw)["writes"] == 0
     assert redis_server.client().keys("ntonix:*") == []
+    assert redis_stats(gw)["misses"] == 1
+    # without cache.streaming a stream is coalesced, never stored: no Redis read for it either
+    assert post(gw, *ROUTES[3]).status_code == 200
+    stats = redis_stats(gw)
+    assert (stats["misses"], stats["skipped"], stats["hits"]) == (1, 0, 0)
 
 
 def test_a_corrupt_or_foreign_value_is_a_miss_logged_once(

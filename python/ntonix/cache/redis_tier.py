@@ -112,6 +112,7 @@ class RedisTier:
         self.url = cfg.redis_url
         self.timeout = cfg.redis_timeout_ms / 1000.0
         self.ttl = float(cfg.ttl_seconds)
+        self.streams = cfg.streaming  # without it a stream has a key (for coalescing) but no entry
         self.max_entry = int(cfg.redis_max_entry_mb * 1024 * 1024)
         self.threshold = cfg.redis_failure_threshold
         self.retry_seconds = cfg.redis_retry_seconds
@@ -166,6 +167,8 @@ class RedisTier:
 
     async def get(self, key: int, stream: bool) -> tuple[bytes, str] | None:
         """The answer stored under `key` (filling L1 with it), or None: a miss, an error, a skip."""
+        if stream and not self.streams:
+            return None
         if not self.up:
             self.skipped += 1
             return None

@@ -151,7 +151,7 @@ class Proxy:
             if not no_cache:
                 hit = cache.get(key)
                 if hit is None and self.shared is not None and key not in self.inflight:
-                    hit = await self.shared.get(key, facts.stream)  # fills L1 on a hit
+                    hit = await self.shared.get(key, facts.stream)  # the Redis tier; fills L1
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
                     return
@@ -638,7 +638,10 @@ class Proxy:
         stored = self.cache_streams and done and not broken and self.cache is not None
         if stored and response is not None and 200 <= response.status < 300:
             assert self.cache is not None
-            self.cache.put(key, pack_chunks(group.chunks), encode_meta(response.headers))
+            stored_chunks, meta = pack_chunks(group.chunks), encode_meta(response.headers)
+            self.cache.put(key, stored_chunks, meta)
+            if self.shared is not None:
+                self.shared.put(key, stored_chunks, meta, True, response.status)
 
     async def _replay_stream(
         self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange
