@@ -17,6 +17,7 @@ PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pypro
 all: build
 
 $(VENV)/.created:
+	@echo "==> Creating $(VENV) and installing maturin (about 30 s)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "maturin>=1.7,<2.0"
@@ -24,10 +25,19 @@ $(VENV)/.created:
 
 venv: $(VENV)/.created
 
+BUILD_NOTICE := ==> Building the Rust extension in release mode: about 2 minutes the first time on 2 cores (crates compile once), seconds after that
+
 # Builds the extension in release mode and installs the package (editable Python part)
-# with its test and lint extras into .venv.
+# with its test and lint extras into .venv. That install contains the runtime-only one.
 $(VENV)/.built: $(VENV)/.created $(RUST_SRC) pyproject.toml
+	@echo "$(BUILD_NOTICE)"
 	$(VENV)/bin/maturin develop --release --quiet --extras test,lint
+	touch $@ $(VENV)/.runtime
+
+# The package alone, without the test and lint extras: all `make demo` needs.
+$(VENV)/.runtime: $(VENV)/.created $(RUST_SRC) pyproject.toml
+	@echo "$(BUILD_NOTICE)"
+	$(VENV)/bin/maturin develop --release --quiet
 	touch $@
 
 build: $(VENV)/.built
@@ -35,6 +45,7 @@ build: $(VENV)/.built
 test: build lint test-rust test-python
 
 test-rust: build
+	@echo "==> Rust tests (cargo test compiles a debug build first: about 2 minutes the first time)"
 	cargo test --quiet --all-targets
 
 # Debian's Chromium and its driver for the dashboard's browser tests (tests/test_dashboard.py).
@@ -50,11 +61,13 @@ redis-deps:
 	fi
 
 test-python: build browser-deps redis-deps
+	@echo "==> Python tests (a few minutes: real gateway and mock processes)"
 	$(PY) -m pytest -q
 
 lint: lint-rust lint-python
 
 lint-rust:
+	@echo "==> Rust lints (clippy checks every target: about a minute the first time)"
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
 
@@ -69,7 +82,7 @@ fmt: venv
 	$(VENV)/bin/ruff format python tests bench mock
 	$(VENV)/bin/ruff check --fix python tests bench mock
 
-demo: build
+demo: $(VENV)/.runtime
 	@bash mock/demo.sh
 
 bench: build
@@ -80,3 +93,50 @@ wheel: venv
 
 clean:
 	rm -rf $(VENV) target dist .pytest_cache .mypy_cache .ruff_cache
+
+# ---- make test-real: opt-in, not part of `make test` -------------------------------------------
+# Two real llama-cpp-python OpenAI-compatible servers (CPU) behind the gateway, serving a tiny
+# random-weight GGUF model generated here (tests_real/make_model.py; nothing from a model hub).
+# The server lives in its own venv (.real/venv); its wheel is built once from PyPI's sdist
+# (about 10 minutes on 2 cores) and cached in .real/wheels. See docs/real-servers.md.
+REAL        := .real
+REAL_PY     := $(REAL)/venv/bin/python
+LLAMA_VER   := 0.3.16
+LLAMA_SDIST := $(REAL)/sdist/llama_cpp_python-$(LLAMA_VER).tar.gz
+LLAMA_CMAKE := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+REAL_VOCAB  := ggml-vocab-llama-spm.gguf
+
+.PHONY: test-real
+
+$(REAL)/venv/.created:
+	$(PYTHON) -m venv $(REAL)/venv
+	$(REAL_PY) -m pip install --quiet --upgrade pip
+	$(REAL_PY) -m pip install --quiet scikit-build-core cmake ninja gguf
+	touch $@
+
+# --no-build-isolation: otherwise pip compiles cmake from source just to read the metadata.
+$(LLAMA_SDIST): $(REAL)/venv/.created
+	$(REAL_PY) -m pip download --quiet --no-deps --no-build-isolation --no-binary :all: \
+		-d $(REAL)/sdist llama-cpp-python==$(LLAMA_VER)
+
+$(REAL)/wheels/.built-$(LLAMA_VER): $(LLAMA_SDIST)
+	@mkdir -p $(REAL)/wheels
+	@echo "building llama-cpp-python $(LLAMA_VER) from source (about 10 minutes on 2 cores)..."
+	CMAKE_ARGS="$(LLAMA_CMAKE)" nice -n 15 $(REAL_PY) -m pip wheel --quiet --no-deps \
+		--no-build-isolation -w $(REAL)/wheels $(LLAMA_SDIST)
+	touch $@
+
+$(REAL)/venv/.llama-$(LLAMA_VER): $(REAL)/wheels/.built-$(LLAMA_VER)
+	$(REAL_PY) -m pip install --quiet \
+		"$$(ls $(REAL)/wheels/llama_cpp_python-$(LLAMA_VER)-*.whl | head -n 1)[server]"
+	touch $@
+
+$(REAL)/model/tiny.gguf: tests_real/make_model.py $(LLAMA_SDIST) $(REAL)/venv/.created
+	@mkdir -p $(REAL)/vocab
+	tar -xzf $(LLAMA_SDIST) -C $(REAL)/vocab --strip-components=4 \
+		llama_cpp_python-$(LLAMA_VER)/vendor/llama.cpp/models/$(REAL_VOCAB)
+	$(REAL_PY) tests_real/make_model.py --vocab $(REAL)/vocab/$(REAL_VOCAB) --out $@
+
+test-real: build $(REAL)/venv/.llama-$(LLAMA_VER) $(REAL)/model/tiny.gguf
+	NTONIX_REAL_PYTHON=$(abspath $(REAL_PY)) NTONIX_REAL_MODEL=$(abspath $(REAL)/model/tiny.gguf) \
+		$(PY) -m pytest tests_real -q -p no:cacheprovider

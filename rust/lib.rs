@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 mod cache;
 mod errors;
 mod forward;
+mod route;
 mod runtime;
 
 #[pymodule(gil_used = false)]
@@ -13,5 +14,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     runtime::init_pymodule(m)?;
     forward::init_pymodule(m)?;
     cache::init_pymodule(m)?;
+    route::init_pymodule(m)?;
     Ok(())
 }

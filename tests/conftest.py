@@ -22,6 +22,9 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+# One client for the fixtures' polls and helpers: a new httpx client builds an SSL context each time,
+# which costs a few hundred milliseconds on a loaded machine.
+HTTP = httpx.Client(timeout=10.0)
 
 
 def free_port() -> int:
@@ -54,6 +57,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     port: int
     log_path: Path
+    health_path: str = "/health"
     url: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -107,17 +111,36 @@ class Processes:
         def up() -> bool:
             if not proc.alive():
                 raise AssertionError(f"process exited early ({proc.popen.returncode}):\n{proc.log()}")
-            return httpx.get(proc.url + "/health", timeout=1.0).status_code == 200
+            return HTTP.get(proc.url + proc.health_path, timeout=1.0).status_code == 200
 
-        wait_for(up, timeout, what=f"{proc.url}/health")
+        wait_for(up, timeout, what=f"{proc.url}{proc.health_path}")
         return proc
 
-    def mock(self, *extra: str, port: int | None = None, name: str | None = None) -> Proc:
+    def mock(self, *extra: str, port: int | None = None, name: str | None = None, wait: bool = True) -> Proc:
         port = port or free_port()
         args = ["mock", "--host", "127.0.0.1", "--port", str(port), *extra]
         if name:
             args += ["--name", name]
-        return self.wait_healthy(self.spawn(args, port))
+        proc = self.spawn(args, port)
+        if "--prefix" in extra:
+            proc.health_path = extra[extra.index("--prefix") + 1] + "/health"
+        return self.wait_healthy(proc) if wait else proc
+
+    def mock_serving(
+        self, *models: str, extra: tuple[str, ...] = (), name: str | None = None, wait: bool = True
+    ) -> Proc:
+        """A mock that lists and answers exactly `models` (any other model gets 404 model_not_found).
+
+        With `wait=False` it is only started: start several, then `wait_healthy` each (they boot in parallel).
+        """
+        flags = [arg for model in models for arg in ("--model", model)]
+        return self.mock(*flags, *extra, name=name, wait=wait)
+
+    def gateway_for(
+        self, backends: list[dict[str, Any]], config: dict[str, Any] | None = None, **kwargs: Any
+    ) -> Proc:
+        """A gateway whose config file lists `backends` (dicts as in the file) over `config`."""
+        return self.gateway(config={**(config or {}), "backends": backends}, **kwargs)
 
     def gateway(
         self,
@@ -184,3 +207,27 @@ def chat_body(content: str = "hello", stream: bool = False, **extra: Any) -> dic
 def backend_addr(server: Any) -> str:
     """`host:port` of a pytest-httpserver instance."""
     return f"127.0.0.1:{server.port}"
+
+
+def backend_entry(mock: Proc, **fields: Any) -> dict[str, Any]:
+    """A config-file backend entry for `mock`, by URL."""
+    return {"url": mock.url, **fields}
+
+
+def mock_requests(mock: Proc, path: str | None = None) -> list[dict[str, Any]]:
+    """What `mock` received (oldest first), optionally only requests for `path`."""
+    items = HTTP.get(mock.url + "/mock/requests", timeout=5.0).json()["requests"]
+    return [item for item in items if path is None or item["path"] == path]
+
+
+def mock_reset(mock: Proc) -> None:
+    assert HTTP.post(mock.url + "/mock/reset", timeout=5.0).status_code == 200
+
+
+def listed_models(gateway: Proc) -> list[str]:
+    return [entry["id"] for entry in HTTP.get(gateway.url + "/v1/models", timeout=5.0).json()["data"]]
+
+
+def wait_models(gateway: Proc, expected: set[str], timeout: float = 10.0) -> None:
+    """Poll until the gateway's GET /v1/models lists exactly `expected` (discovery is asynchronous)."""
+    wait_for(lambda: set(listed_models(gateway)) == expected, timeout, what=f"/v1/models == {expected}")

@@ -169,15 +169,35 @@ def test_fifty_identical_requests_coalesce_into_one_backend_call(
     assert len({a.headers["x-request-id"] for a in answers}) == 50
 
 
-def test_waiters_get_the_leaders_gateway_error(procs: Processes) -> None:
-    """The leader's backend is unreachable: every waiter gets the same 503, none hangs."""
-    from tests.conftest import free_port
+def test_fault_19_waiters_get_the_leaders_gateway_error(procs: Processes, backend_server: HTTPServer) -> None:
+    """Issue 9, fault 19: the leader is slow AND fails, so only sharing can give every waiter its error.
 
-    gw = procs.gateway([f"127.0.0.1:{free_port()}"], config={"health_check": {"interval_seconds": 60}})
+    The backend answers after 3 s and the gateway gives up waiting after 1.5 s (504): the waiters
+    arrive while the leader waits, get the leader's 504 when it ends, and the backend sees one
+    request. (With an unreachable port, as before, each waiter got its own 503 in milliseconds.)
+    """
+    backend = CountingBackend(backend_server, delay=3.0)
+    gw = procs.gateway(
+        [backend_addr(backend_server)],
+        config={"health_check": {"interval_seconds": 60}, "proxy": {"ttfb_timeout_seconds": 1.5}},
+    )
     with ThreadPoolExecutor(max_workers=10) as pool:
-        answers = list(pool.map(lambda _: post(gw.url, chat_body("nobody")), range(10)))
-    assert {a.status_code for a in answers} == {503}
-    assert all(a.json()["error"]["code"] for a in answers)
+        leader = pool.submit(post, gw.url, chat_body("slow and failing"))
+        deadline = time.monotonic() + 20
+        while backend.calls == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert backend.calls == 1, "the leader never reached the backend"
+        waiters = [pool.submit(post, gw.url, chat_body("slow and failing")) for _ in range(9)]
+        answers = [leader.result(timeout=30), *(w.result(timeout=30) for w in waiters)]
+    coalesced = httpx.get(gw.url + "/metrics").json()["cache_coalesced"]
+    assert {a.status_code for a in answers} == {504}
+    assert len({a.json()["error"]["message"] for a in answers}) == 1  # the one error, shared
+    assert all(a.json()["error"]["code"] == "upstream_timeout" for a in answers)
+    # Waiters that arrived while the leader waited shared its error; on a very slow machine one may
+    # arrive after it ended and send its own request, which the backend then counts.
+    assert coalesced >= 5, coalesced
+    assert backend.calls == 1 + (9 - coalesced)
+    assert len({a.headers["x-request-id"] for a in answers}) == 10
 
 
 def test_streams_are_cached_only_when_enabled_and_replayed_chunk_for_chunk(procs: Processes) -> None:

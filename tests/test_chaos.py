@@ -114,7 +114,9 @@ async def one_request(client: httpx.AsyncClient, url: str, index: int, rng: rand
     status = response.status_code
     if status in DOCUMENTED_ERRORS:
         error = json.loads(raw)["error"]
-        if set(error) == {"message", "type", "code"} and error["type"] == DOCUMENTED_ERRORS[status]:
+        if {"message", "type", "code"} <= set(error) <= {"message", "type", "code", "param"} and error[
+            "type"
+        ] == DOCUMENTED_ERRORS[status]:
             return str(status), ""
         return "bad_error_body", f"{status}: {raw[:200]!r}"
     if status != 200:

@@ -4,21 +4,31 @@ Each server is a raw asyncio TCP server on 127.0.0.1:0 that reads one request
 head, then plays a script (headers now, a chunk later, or silence) while it
 watches for the client closing the connection; `closed` is set on EOF, so a
 test can tell whether cancelling the Python side really closed the upstream
-connection (issue 9 items 10 and 24).
+connection (issue 9 items 10 and 24). The TLS tests run a keep-alive HTTPS
+server on a certificate signed by a CA made in the test with `cryptography`,
+trusted through `Forwarder(ca_file=...)` (issue 10 item 2, SPEC §8).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from ntonix._core import Forwarder, UpstreamResponse
+from ntonix._core import Forwarder, UpstreamConnectError, UpstreamResponse
 
 Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -86,9 +96,9 @@ async def serve(script: Script) -> AsyncIterator[Server]:
 
 
 @contextlib.contextmanager
-def forwarder(**timeouts: float) -> Iterator[Forwarder]:
+def forwarder(ca_file: str | None = None, **timeouts: float) -> Iterator[Forwarder]:
     loop = asyncio.get_running_loop()
-    fwd = Forwarder(loop, **timeouts)
+    fwd = Forwarder(loop, ca_file=ca_file, **timeouts)
     loop.add_reader(fwd.wake_fd, fwd.drain)
     try:
         yield fwd
@@ -240,5 +250,181 @@ def test_a_buffered_answer_is_whole_and_its_headers_are_built_once() -> None:
                 headers = response.headers
                 assert headers == [("content-type", "application/json"), ("x-backend", "a")]
                 assert response.headers is headers  # one list, not rebuilt per access
+
+    run(main())
+
+
+def test_host_is_the_backend_authority_never_the_clients() -> None:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        async with serve(answer) as server:
+            with forwarder() as fwd:
+                headers = [("Host", "gateway.example:8080"), ("content-type", "application/json")]
+                response = await fwd.request("POST", server.url, headers, b"{}", True)
+                assert response.status == 204
+        authority = server.url.split("/")[2]
+        hosts = [line for line in server.heads[0].lower().split(b"\r\n") if line.startswith(b"host:")]
+        assert hosts == [b"host: " + authority.encode()]
+
+    run(main())
+
+
+def test_urls_of_other_schemes_are_refused() -> None:
+    async def main() -> None:
+        with forwarder() as fwd:
+            with pytest.raises(ValueError, match="http:// or https://"):
+                fwd.request("GET", "ftp://127.0.0.1:21/x", [], b"")
+            with pytest.raises(ValueError, match="http:// or https://"):
+                fwd.probe("ws://127.0.0.1:1/health", 1.0)
+
+    run(main())
+
+
+# -- upstream TLS ---------------------------------------------------------------------------------
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def make_ca_and_leaf(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA (its PEM file) and a server context with a leaf it signed for 127.0.0.1 and localhost."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("ntonix test CA"))
+        .issuer_name(_name("ntonix test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return ca_path, context
+
+
+@dataclass
+class KeepAliveServer:
+    """Answers every request of every connection with a small JSON body; counts connections."""
+
+    url: str = ""
+    connections: int = 0
+    heads: list[bytes] = field(default_factory=list)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.heads.append(head)
+                for line in head.lower().split(b"\r\n"):
+                    if line.startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b'content-length: 12\r\n\r\n{"tls":true}'
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_https(context: ssl.SSLContext, path: str) -> AsyncIterator[KeepAliveServer]:
+    server = KeepAliveServer()
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+    server.url = f"https://127.0.0.1:{port}{path}"
+    try:
+        yield server
+    finally:
+        listener.close()
+
+
+def test_https_backend_with_a_path_prefix_and_a_pooled_connection(tmp_path: Path) -> None:
+    ca, context = make_ca_and_leaf(tmp_path)
+
+    async def main() -> None:
+        async with serve_https(context, "/openai/v1/chat/completions") as server:
+            with forwarder(ca_file=str(ca)) as fwd:
+                for _ in range(5):
+                    response = await request(fwd, server.url, buffer=True)
+                    assert response.status == 200
+                    assert response.body == b'{"tls":true}'
+                health = server.url.replace("/openai/v1/chat/completions", "/openai/health")
+                assert await fwd.probe(health, 5.0) == 200
+        assert server.connections == 1, "each request made a TLS handshake of its own"
+        assert [head.split(b"\r\n")[0] for head in server.heads] == [
+            *[b"POST /openai/v1/chat/completions HTTP/1.1"] * 5,
+            b"GET /openai/health HTTP/1.1",
+        ]
+        authority = server.url.split("/")[2].encode()
+        assert all(b"\r\nhost: " + authority + b"\r\n" in head.lower() + b"\r\n" for head in server.heads)
+
+    run(main())
+
+
+def test_https_backend_not_trusted_is_a_connect_error(tmp_path: Path) -> None:
+    _, context = make_ca_and_leaf(tmp_path)
+
+    async def main() -> None:
+        async with serve_https(context, "/v1/chat/completions") as server:
+            # system roots only: the test CA is unknown
+            with forwarder() as fwd, pytest.raises(UpstreamConnectError, match="certificate"):
+                await request(fwd, server.url, buffer=True)
+        assert server.heads == []  # nothing was sent: another backend may be tried
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot be read"), (b"not a certificate\n", "holds no PEM certificate")],
+)
+def test_a_bad_ca_file_is_refused_at_construction(
+    tmp_path: Path, content: bytes | None, message: str
+) -> None:
+    path = tmp_path / "ca.pem"
+    if content is not None:
+        path.write_bytes(content)
+
+    async def main() -> None:
+        with pytest.raises(ValueError, match=message):
+            Forwarder(asyncio.get_running_loop(), ca_file=str(path))
 
     run(main())

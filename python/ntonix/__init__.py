@@ -1,7 +1,8 @@
 """NTONIX: an OpenAI-compatible inference gateway for local LLM clusters.
 
-The public surface is small on purpose: the version, the settings type and the
-application factory. Everything else is an implementation detail.
+The package root exports only `__version__`. The ways in are the `ntonix`
+command (`ntonix.cli:main`) and the RSGI application Granian serves
+(`ntonix.app:app`); everything else is an implementation detail.
 """
 
 from __future__ import annotations

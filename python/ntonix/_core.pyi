@@ -9,6 +9,7 @@ __all__ = [
     "Forwarder",
     "NtonixError",
     "Pending",
+    "PrefixIndex",
     "ResponseCache",
     "UpstreamConnectError",
     "UpstreamError",
@@ -40,6 +41,7 @@ class Forwarder:
         idle_timeout: float = 60.0,
         total_timeout: float = 600.0,
         pool_idle_timeout: float = 90.0,
+        ca_file: str | None = None,
     ) -> Forwarder: ...
     @property
     def wake_fd(self) -> int: ...
@@ -89,3 +91,29 @@ class ResponseCache:
     def __len__(self) -> int: ...
 
 # --- end cache ---
+
+# --- prefix index ---
+
+@final
+class PrefixIndex:
+    """Approximate KV-cache prefix index: which backends hold a prefix of a prompt.
+
+    Prompts are cut into blocks of `block_chars` UTF-8 bytes (characters for ASCII) named by
+    chained hashes; only full blocks are indexed. Memory is reserved once, never above
+    `max_bytes`; when full, the least recently used (block, backend) entries are evicted.
+    """
+
+    def __new__(cls, max_bytes: int, block_chars: int = 64) -> PrefixIndex: ...
+    def match_prefix(self, text: str) -> dict[int, int]:
+        """{backend: leading characters of `text` it holds}, for backends holding at least a block."""
+    def insert(self, text: str, backend: int) -> None: ...
+    def weaken(self, text: str, backend: int, cached_chars: int) -> int:
+        """Drops `backend`'s blocks of `text` past `cached_chars`; returns entries dropped."""
+    def remove_backend(self, backend: int) -> int: ...
+    def clear(self) -> None: ...
+    def stats(self) -> dict[str, int]:
+        """entries, blocks, bytes_used, bytes_reserved, max_bytes, capacity, block_chars, lookups,
+        matched_lookups, matched_chars, inserts, evictions, weakened, removed."""
+    def __len__(self) -> int: ...
+
+# --- end prefix index ---

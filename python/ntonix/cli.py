@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
@@ -105,10 +106,22 @@ def _fail(error: ConfigError) -> NoReturn:
     raise SystemExit(2)
 
 
-@click.group(epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """`ntonix --port N --backend ...` with no subcommand runs the gateway, as `ntonix run ...` does."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help", "-V", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Main, epilog=_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="ntonix")
 def main() -> None:
-    """NTONIX: an OpenAI-compatible gateway that caches, balances and streams for local LLM servers."""
+    """NTONIX: an OpenAI-compatible gateway that caches, balances and streams for local LLM servers.
+
+    Run options given without a command (`ntonix --port 8080 --backend localhost:8001`) run the gateway.
+    """
 
 
 @main.command(epilog=_EPILOG)
@@ -142,6 +155,38 @@ def config(config_path: str | None, sources: bool, **options: Any) -> None:
 def _config_document(settings: Settings, origins: dict[str, str] | None) -> dict[str, object]:
     data = settings_to_dict(settings)
     return data if origins is None else {"config": data, "sources": origins}
+
+
+@main.group()
+def keys() -> None:
+    """Make gateway API keys and the SHA-256 digests a keys file may hold instead (auth.keys_file)."""
+
+
+@keys.command("hash")
+@click.argument("key", required=False)
+def keys_hash(key: str | None) -> None:
+    """Print the key_sha256 of KEY (read from stdin when not given, so it stays out of shell history)."""
+    from ntonix.auth.keys import hash_key
+
+    if key is None:
+        key = sys.stdin.readline().strip()
+    if not key or any(c.isspace() for c in key):
+        click.echo("ntonix: expected one key without spaces", err=True)
+        raise SystemExit(2)
+    click.echo(hash_key(key))
+
+
+@keys.command("new")
+@click.option("--name", default="team", show_default=True, help="The key's name in the printed entry.")
+def keys_new(name: str) -> None:
+    """Print a fresh random key and a keys-file entry holding only its SHA-256."""
+    import secrets
+
+    from ntonix.auth.keys import hash_key
+
+    key = "sk-ntonix-" + secrets.token_urlsafe(32)
+    click.echo(f"key: {key}")
+    click.echo(json.dumps({"key_sha256": hash_key(key), "name": name}))
 
 
 main.add_command(mock_command, "mock")

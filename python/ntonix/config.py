@@ -25,6 +25,8 @@ from typing import Any, Literal, NamedTuple, TypeAlias, cast
 import msgspec
 
 __all__ = [
+    "ApiKeyConfig",
+    "AuthConfig",
     "BackendConfig",
     "CacheConfig",
     "CircuitBreakerConfig",
@@ -48,6 +50,7 @@ __all__ = [
 LogLevel: TypeAlias = Literal["trace", "debug", "info", "warn", "warning", "error", "critical"]
 Policy: TypeAlias = Literal["round_robin", "least_requests", "power_of_two", "prefix", "session"]
 LogFormat: TypeAlias = Literal["text", "json"]
+CacheScope: TypeAlias = Literal["global", "key"]
 Origin: TypeAlias = Literal["cli", "env", "file", "default"]
 
 # The seed's names (trace, warn) and Python's (warning, critical); trace logs like debug.
@@ -80,6 +83,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     shutdown_grace_seconds: float = 30.0
     # Gateway processes sharing the ports (SO_REUSEPORT); each has its own L1 cache and counters.
     workers: int = 1
+    # Browser origins allowed to call the gateway (CORS), e.g. "https://app.example"; "*" for any.
+    cors_origins: tuple[str, ...] = ()
 
 
 class BackendConfig(
@@ -140,6 +145,8 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     redis_retry_seconds: float = 1.0
     # Connections to Redis per gateway process.
     redis_max_connections: int = 32
+    # "global": one namespace for every client; "key": each gateway API key its own (hits never cross).
+    scope: CacheScope = "global"
 
 
 class SslConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -205,6 +212,30 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_body_size_mb: float = 32.0
 
 
+class ApiKeyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    # The key clients send as `Authorization: Bearer <key>` (or give key_sha256 instead).
+    key: str | None = None
+    # Hex SHA-256 of the key (`ntonix keys hash`), so the file holds no usable secret.
+    key_sha256: str | None = None
+    # Who the key belongs to: the name logs and metrics show (never the key).
+    name: str
+    # Model ids (or aliases) the key may use; absent: every model.
+    models: tuple[str, ...] | None = None
+    # Requests per minute; absent: unlimited.
+    rpm: int | None = None
+    # Tokens (prompt + completion, from answers' `usage`) per minute; absent: unlimited.
+    tpm: int | None = None
+
+
+class AuthConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Gateway API keys; with any key (here or in keys_file) every /v1/... request needs one.
+    keys: tuple[ApiKeyConfig, ...] = ()
+    # JSON file of more keys ({"keys": [...]}, same fields), re-read on SIGHUP; empty: none.
+    keys_file: str = ""
+    # Key that /metrics, /metrics/prometheus and /cache/stats require; empty: those stay open.
+    admin_key: str = ""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Listeners and process.
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
@@ -226,6 +257,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     models: ModelsConfig = msgspec.field(default_factory=ModelsConfig)
     # Load-balancing policy.
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    # Gateway API keys, their limits, and the admin key.
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
 
 
 # --------------------------------------------------------------------------- backends
@@ -272,8 +305,10 @@ def parse_url(url: str) -> BackendUrl:
         raise ValueError(f"invalid URL {url!r}: missing or invalid host")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"invalid URL {url!r}: no query, fragment or credentials allowed")
+    if port == 0:
+        raise ValueError(f"invalid URL {url!r}: port must be in 1..65535, got 0")
     default = 443 if parts.scheme == "https" else 80
-    return BackendUrl(parts.scheme, host, port or default, parts.path.rstrip("/"))
+    return BackendUrl(parts.scheme, host, default if port is None else port, parts.path.rstrip("/"))
 
 
 def parse_backend(spec: str) -> BackendConfig:
@@ -507,7 +542,12 @@ _TYPE_NAMES = {
     "object": "an object",
     "array": "an array",
 }
-_CHOICES = {"logging.level": LOG_LEVELS, "logging.format": LOG_FORMATS, "routing.policy": POLICIES}
+_CHOICES = {
+    "logging.level": LOG_LEVELS,
+    "logging.format": LOG_FORMATS,
+    "routing.policy": POLICIES,
+    "cache.scope": ("global", "key"),
+}
 _MISSING = object()
 
 
@@ -659,6 +699,23 @@ def _validate(s: Settings, layers: _Layers) -> None:
         )
     if s.ssl.enabled:
         _validate_ssl(s, layers)
+    _validate_auth(s, layers)
+    for origin in s.server.cors_origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ConfigError(
+                f'invalid configuration: server.cors_origins: expected "*" or scheme://host[:port], '
+                f"got {_show(origin)}{layers.describe('server.cors_origins')}"
+            )
+
+
+def _validate_auth(s: Settings, layers: _Layers) -> None:
+    """Inline keys and the keys file parse into one table (duplicates, bad hashes, limits < 1 refused)."""
+    from ntonix.auth.keys import KeyConfigError, build_table
+
+    try:
+        build_table(s.auth)
+    except KeyConfigError as exc:
+        raise ConfigError(f"invalid configuration: {exc}{layers.describe(exc.path)}") from None
 
 
 def _validate_backend(key: str, b: BackendConfig, layers: _Layers) -> None:

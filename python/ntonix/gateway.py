@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from ntonix._core import Forwarder, ResponseCache, init_runtime
-from ntonix.balance import make_policy
+from ntonix.auth.guard import Guard
+from ntonix.auth.keys import KeyConfigError, build_table
+from ntonix.balance import make_policy, make_shared_policy
 from ntonix.config import Settings
+from ntonix.limits.limiter import Limiter
 from ntonix.observe.metrics import Metrics
 from ntonix.pipeline.proxy import Proxy
 from ntonix.upstream.backend import Backend, build_backends
@@ -63,25 +66,52 @@ class Gateway:
         self.metrics = Metrics()
         self.metrics.policy = settings.routing.policy
         self.backends: list[Backend] = build_backends(settings.backends, settings.circuit_breaker)
+        self.shared_policy = make_shared_policy(settings.routing)
         self.registry = self._registry(settings, self.backends)
+        self.metrics.policy_stats = self.policy_stats
         self.metrics.known_models = lambda: self.registry.known
         self.proxy = Proxy(settings, self.forwarder, self.cache, self.metrics, lambda: self.registry)
+        self.limiter = Limiter()
+        self._set_guard(Guard(build_table(settings.auth), self.limiter, settings.cache.scope == "key"))
         self.redis: RedisTier | None = None
         if self.cache is not None and cache_cfg.redis_url:
             from ntonix.cache.redis_tier import RedisTier
 
-            # NOTE: `cache.scope` (global or per key) namespaces the shared entries once it exists.
-            self.redis = RedisTier(cache_cfg, self.cache, str(getattr(cache_cfg, "scope", "global")))
+            self.redis = RedisTier(cache_cfg, self.cache, cache_cfg.scope)
             self.redis.start(loop)
             self.proxy.shared = self.redis
         self.health = HealthChecker(
-            settings.health_check, self.forwarder, lambda: self.backends, self._models_changed
+            settings.health_check,
+            self.forwarder,
+            lambda: self.backends,
+            self._models_changed,
+            on_unhealthy=self._backend_down,
         )
 
-    @staticmethod
-    def _registry(settings: Settings, backends: list[Backend]) -> ModelRegistry:
+    def _registry(self, settings: Settings, backends: list[Backend]) -> ModelRegistry:
         routing = settings.routing
-        return ModelRegistry(backends, dict(settings.models.aliases), lambda: make_policy(routing))
+        shared = self.shared_policy
+        return ModelRegistry(backends, dict(settings.models.aliases), lambda: make_policy(routing, shared))
+
+    def _backend_down(self, backend: Backend) -> None:
+        """A backend went unhealthy: the prefix index forgets what it believed that backend holds."""
+        if self.shared_policy is not None:
+            self.shared_policy.forget(backend.id)
+
+    def _set_guard(self, guard: Guard) -> None:
+        self.guard = guard
+        self.proxy.guard = guard if guard.keys_on else None  # no keys: the pipeline skips the phase
+
+    def _reload_keys(self, fresh: Settings) -> None:
+        """Swap in the re-read keys; a bad keys file keeps the old ones (one log line)."""
+        try:
+            table = build_table(fresh.auth)
+        except KeyConfigError as err:
+            log.error("keys reload failed, keeping the old keys: %s", err)
+            return
+        self._set_guard(Guard(table, self.limiter, self.settings.cache.scope == "key"))
+        self.settings = msgspec.structs.replace(self.settings, auth=fresh.auth)
+        log.info("keys reloaded: %d key(s)%s", len(table.by_digest), ", admin key set" if table.admin else "")
 
     def _models_changed(self) -> None:
         self.registry.invalidate()
@@ -89,6 +119,10 @@ class Gateway:
     def reload(self, fresh: Settings) -> None:
         """Apply a re-read configuration's backends, models and aliases; requests in flight keep theirs."""
         backends = build_backends(fresh.backends, self.settings.circuit_breaker, self.backends)
+        kept = {b.id for b in backends}
+        for gone in self.backends:
+            if gone.id not in kept:
+                self._backend_down(gone)
         registry = self._registry(
             msgspec.structs.replace(self.settings, models=fresh.models, routing=self.settings.routing),
             backends,
@@ -99,6 +133,19 @@ class Gateway:
             "backends reloaded: %s",
             ", ".join(f"{b.key} (weight {b.weight})" for b in backends),
         )
+        self._reload_keys(fresh)
+
+    def policy_stats(self) -> dict[str, object]:
+        """`routing` in /metrics: the policy, and for `prefix` its index's size, memory and match rate."""
+        stats: dict[str, object] = {"policy": self.settings.routing.policy}
+        if self.shared_policy is not None:
+            index = self.shared_policy.stats()
+            lookups = index.get("lookups", 0)
+            stats["prefix_index"] = {
+                **index,
+                "match_rate": index.get("matched_lookups", 0) / lookups if lookups else 0.0,
+            }
+        return stats
 
     def cache_stats(self) -> dict[str, int]:
         return self.cache.stats() if self.cache is not None else dict(_EMPTY_CACHE_STATS)

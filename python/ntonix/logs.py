@@ -167,8 +167,9 @@ def log_access(
     latency_ms: float,
     ttfb_ms: float | None,
     model: str | None = None,
+    key: str | None = None,
 ) -> None:
-    """Write one access line; returns at once when access logging is off."""
+    """Write one access line (`key`: the API key's name, never the key); returns at once when off."""
     if not _access.isEnabledFor(logging.INFO):
         return
     fields = {
@@ -183,6 +184,8 @@ def log_access(
         "latency_ms": round(latency_ms, 2),
         "ttfb_ms": None if ttfb_ms is None else round(ttfb_ms, 2),
     }
+    if key is not None:
+        fields["key"] = key
     # makeRecord + handle skips Logger._log's stack walk for the caller's file and line.
     record = _access.makeRecord(
         ACCESS_LOGGER, logging.INFO, "", 0, "access", (), None, extra={_FIELDS: fields}

@@ -53,10 +53,15 @@ Server-wide faults, like real servers: `--api-key KEY` (every `/v1/*` request ne
 `Authorization: Bearer KEY`, else 401, like vLLM; `/health` stays open), `--no-health` (`GET /health` is a
 404, like llama-cpp-python), `--uuid-request-ids` (a request whose `X-Request-ID` is not a UUID gets 400 with
 an empty body, like llama-cpp-python), `--serial` (one request at a time, like a single-slot llama.cpp
-server: further requests, `GET /v1/models` included, wait behind the running one; `/health` does not).
+server: further requests, `GET /v1/models` included, wait behind the running one; `/health` does not),
+`--prefix /openai` (every route but `/mock/*` is served under that path prefix only, like a backend reached
+as `https://host/openai`). A `/v1/...` route the mock does not serve is recorded for `/mock/requests` and
+answered 404 like vLLM, or with `X-Mock-Echo: 1` 200 with the request's own body and content type.
 
 Admin endpoints (not counted, not recorded, not behind `--api-key`/`--serial`): `POST /mock/health` steers
-the health answer, `GET /mock/stats` reads counters (including streams whose client went away),
+the health answer (`{"status", "delay_ms", "models_status"}`: the last makes `GET /v1/models` fail with that
+status, to stand for a backend whose model list cannot be read), `GET /mock/stats` reads counters (including
+streams whose client went away),
 `GET /mock/requests[?limit=N]` the last requests (method, path, query, headers, body) so tests can check
 what a gateway forwarded, `POST /mock/reset` zeroes counters, forgets recorded requests and empties the KV
 cache. The hot paths stay cheap for benchmarks with thousands of open streams: chat answers are encoded once
@@ -193,6 +198,8 @@ class _TokenizeRequest(msgspec.Struct):
 class _HealthUpdate(msgspec.Struct, forbid_unknown_fields=True):
     status: Annotated[int, msgspec.Meta(ge=100, le=599)] = 200
     delay_ms: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # What GET /v1/models answers: 200 = the model list, else that status with an error body.
+    models_status: Annotated[int, msgspec.Meta(ge=200, le=599)] = 200
 
 
 class _Stats(msgspec.Struct):
@@ -321,12 +328,15 @@ class MockOptions:
     serial: bool = False
     shuffle: bool = False
     record: int = 256  # requests kept for /mock/requests
+    prefix: str = ""  # path prefix every non-admin route is served under (like https://host/openai)
 
     def check(self) -> None:
         if self.kv_capacity < 0 or self.kv_block_chars < 1 or self.prefill_us_per_char < 0:
             raise ValueError("kv_capacity and prefill_us_per_char must not be negative, kv_block_chars >= 1")
         if self.embedding_dimensions < 1 or self.record < 0:
             raise ValueError("embedding_dimensions must be >= 1 and record >= 0")
+        if self.prefix and (not self.prefix.startswith("/") or self.prefix.endswith("/")):
+            raise ValueError("prefix must start with / and not end with /")
 
 
 class _Knobs:
@@ -684,6 +694,7 @@ class MockApp:
         self._slot = asyncio.Lock() if self.options.serial else None
         self._health_status = 200
         self._health_delay = 0.0
+        self._models_status = 200
         self._answers: dict[tuple[Any, ...], _Answer] = {}
         self._vectors: dict[tuple[str, int], tuple[list[float], str]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -737,13 +748,16 @@ class MockApp:
         if scope.proto != "http":
             return
         path = scope.path
+        prefix = self.options.prefix
+        if prefix and not path.startswith("/mock/"):
+            path = path[len(prefix) :] if path.startswith(prefix + "/") else ""
         route = self._routes.get(path)
         if route is None and path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
             path = _MODEL_ROUTE
             route = self._routes[path]
         if route is None:
-            if path.startswith("/v1/") and not self._authorised(dict(scope.headers.items())):
-                self._unauthorised(proto, [])
+            if path.startswith("/v1/"):
+                await self._unknown_v1(scope, proto)
                 return
             self._error(proto, 404, f"no route for {scope.path}", "invalid_request_error", "not_found")
             return
@@ -774,6 +788,23 @@ class MockApp:
                 call.close()
             if task is not None:
                 self._tasks.discard(task)
+
+    async def _unknown_v1(self, scope: _Scope, proto: _HTTPProtocol) -> None:
+        """A `/v1/...` route the mock does not serve: recorded (not counted), then 401 or 404 like vLLM.
+
+        With `X-Mock-Echo: 1` the request's body comes back as the answer (200, same content type), so a
+        test can see what a gateway forwards on routes it does not know, both ways.
+        """
+        headers = dict(scope.headers.items())
+        body = await proto() if scope.method == "POST" else b""
+        self._recorded.append((scope.method, scope.path, scope.query_string, scope.headers.items(), body))
+        if not self._authorised(headers):
+            self._unauthorised(proto, [])
+        elif _flag(headers, "x-mock-echo"):
+            content_type = headers.get("content-type", "application/octet-stream")
+            proto.response_bytes(200, [("content-type", content_type), ("x-mock-name", self.name)], body)
+        else:
+            self._error(proto, 404, f"no route for {scope.path}", "invalid_request_error", "not_found")
 
     def close(self) -> None:
         """End every request in flight (hangs, sleeps, streams), so Granian's graceful stop is prompt."""
@@ -895,10 +926,14 @@ class MockApp:
         call.proto.response_bytes(status, self._headers(call), body)
 
     async def _models(self, call: _Call) -> None:
+        if self._models_status != 200:
+            message = f"{self.name}: status {self._models_status} set by POST /mock/health"
+            self._error(call.proto, self._models_status, message, "server_error", "mock_forced_status")
+            return
         self._send_json(call, self._models_body)
 
     async def _model(self, call: _Call) -> None:
-        model_id = urllib.parse.unquote(call.scope.path[len("/v1/models/") :])
+        model_id = urllib.parse.unquote(call.scope.path[len(self.options.prefix) + len("/v1/models/") :])
         model = self._model_objects.get(model_id)
         if model is None:
             message = f"The model `{model_id}` does not exist."
@@ -928,6 +963,7 @@ class MockApp:
             return
         self._health_status = update.status
         self._health_delay = update.delay_ms / 1000.0
+        self._models_status = update.models_status
         call.proto.response_bytes(200, self._json_headers, _encode(update))
 
     async def _stats(self, call: _Call) -> None:
@@ -1538,6 +1574,11 @@ def serve_mock(
     help="Requests kept for GET /mock/requests.",
 )
 @click.option(
+    "--prefix",
+    default="",
+    help="Serve every route but /mock/* under this path prefix only (e.g. /openai, like https://host/openai).",
+)
+@click.option(
     "--threads",
     type=click.IntRange(1, 256),
     default=1,
@@ -1564,6 +1605,7 @@ def mock_command(
     serial: bool,
     shuffle: bool,
     record: int,
+    prefix: str,
     threads: int,
 ) -> None:
     """Run a mock OpenAI-compatible LLM backend: chat and text completions (SSE streaming too), embeddings,
@@ -1580,6 +1622,8 @@ def mock_command(
         raise click.BadParameter("must not be empty", param_hint="--model")
     if api_key == "":
         raise click.BadParameter("must not be empty", param_hint="--api-key")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise click.BadParameter("must start with / and not end with /", param_hint="--prefix")
     options = MockOptions(
         any_model=any_model or not models,
         api_key=api_key,
@@ -1593,6 +1637,7 @@ def mock_command(
         serial=serial,
         shuffle=shuffle,
         record=record,
+        prefix=prefix,
     )
     try:
         serve_mock(

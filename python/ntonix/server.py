@@ -17,8 +17,10 @@ that runs this single-process gateway that many times on the same ports.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +64,34 @@ def check_tls(settings: Settings) -> None:
         raise ConfigError(f"ssl: {problem}") from None
     except OSError as err:
         raise ConfigError(f"ssl: cannot read {err.filename or cert}: {err.strerror or err}") from None
+
+
+def check_ports_free(settings: Settings) -> None:
+    """Fail start-up with one line when a listening port is taken, by another NTONIX or anything else.
+
+    NOTE: Granian binds with SO_REUSEPORT, so a second gateway on the same port would start and take
+    a share of the traffic with its own (stale) configuration. A trial bind without SO_REUSEPORT
+    fails while any socket listens there; SO_REUSEADDR keeps a restart free of TIME_WAIT leftovers.
+    """
+    ports = [settings.server.port]
+    if settings.ssl.enabled:
+        ports.append(settings.server.ssl_port)
+    address = settings.server.bind_address
+    for port in ports:
+        try:
+            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as err:
+            raise ConfigError(f"cannot listen on {address}:{port}: {err.strerror or err}") from None
+        family, kind, proto, _, sockaddr = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as err:
+                reason = err.strerror or str(err)
+                if err.errno == errno.EADDRINUSE:
+                    reason = "port already in use (another NTONIX or another server holds it)"
+                raise ConfigError(f"cannot listen on {address}:{port}: {reason}") from None
 
 
 def build_servers(app: App, settings: Settings) -> list[Server]:
@@ -118,8 +148,10 @@ async def _shutdown(
 
 async def main(settings: Settings, reload: Reload | None, first_bind: bool = True) -> None:
     """One gateway process; `first_bind` is False in a worker, whose supervisor checked the ports."""
-    if settings.ssl.enabled and first_bind:
-        check_tls(settings)
+    if first_bind:  # a worker's supervisor checked both, and its siblings hold the ports
+        if settings.ssl.enabled:
+            check_tls(settings)
+        check_ports_free(settings)
     app = App(settings)
     servers = build_servers(app, settings)
     loop = asyncio.get_running_loop()
@@ -141,19 +173,22 @@ async def main(settings: Settings, reload: Reload | None, first_bind: bool = Tru
     loop.add_signal_handler(signal.SIGINT, stopping.set)
 
     serving = [asyncio.ensure_future(s.serve()) for s in servers]
-    scheme = "https" if settings.ssl.enabled else "http"
-    log.warning(
-        "NTONIX listening on http://%s:%d%s",
-        settings.server.bind_address,
-        settings.server.port,
-        f" and {scheme}://{settings.server.bind_address}:{settings.server.ssl_port}"
-        if settings.ssl.enabled
-        else "",
-    )
+    # Each server binds its socket in the first step of its task: one turn of the loop later the
+    # bind has either succeeded or ended the task with the error (reported below, not "listening").
+    await asyncio.sleep(0)
+    if not any(task.done() for task in serving):
+        log.info(
+            "NTONIX listening on http://%s:%d%s",
+            settings.server.bind_address,
+            settings.server.port,
+            f" and https://{settings.server.bind_address}:{settings.server.ssl_port}"
+            if settings.ssl.enabled
+            else "",
+        )
     stop_wait = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([*serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     if stop_wait in done:
-        log.warning(
+        log.info(
             "shutting down: draining requests in flight (grace %.1fs)", settings.server.shutdown_grace_seconds
         )
         await _shutdown(app, servers, serving, settings.server.shutdown_grace_seconds)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -49,29 +47,6 @@ log = logging.getLogger("ntonix.workers")
 YOUNG_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
-
-
-def check_ports_free(settings: Settings) -> None:
-    """One trial bind without SO_REUSEPORT per port: fails while any socket listens there."""
-    ports = [settings.server.port]
-    if settings.ssl.enabled:
-        ports.append(settings.server.ssl_port)
-    address = settings.server.bind_address
-    for port in ports:
-        try:
-            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as err:
-            raise ConfigError(f"cannot listen on {address}:{port}: {err.strerror or err}") from None
-        family, kind, proto, _, sockaddr = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as err:
-                reason = err.strerror or str(err)
-                if err.errno == errno.EADDRINUSE:
-                    reason = "port already in use (another NTONIX or another server holds it)"
-                raise ConfigError(f"cannot listen on {address}:{port}: {reason}") from None
 
 
 class _Slot:
@@ -130,6 +105,8 @@ class Supervisor:
         self._signal_all(signal.SIGTERM)
 
     def run(self) -> None:
+        from ntonix.server import check_ports_free
+
         check_ports_free(self.settings)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._on_hup)

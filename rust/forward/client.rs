@@ -5,8 +5,10 @@
 //! by frame and never buffered whole unless the caller asks for it; dropping a `Response` or
 //! aborting its `BodyReader` before the end closes that connection instead of returning it.
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -14,6 +16,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -53,18 +56,63 @@ fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// A pooled client shared by every request of the process.
+/// Dials a backend: TCP, then TLS for `https://`, the two bounded together by the connect timeout
+/// (a TLS handshake that stalls is a failed connect: nothing was sent, another backend may serve).
+#[derive(Clone)]
+struct Dialer {
+    inner: HttpsConnector<HttpConnector>,
+    limit: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = <HttpsConnector<HttpConnector> as tower_service::Service<Uri>>::Response;
+    type Error = BoxError;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let limit = self.limit;
+        let dial = self.inner.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(limit, dial).await {
+                Ok(done) => done,
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect (TCP and TLS) took over {} ms", limit.as_millis()),
+                )) as BoxError),
+            }
+        })
+    }
+}
+
+/// A pooled client shared by every request of the process; one pool per scheme and authority.
 pub struct Upstream {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Dialer, Full<Bytes>>,
     timeouts: Timeouts,
 }
 
 impl Upstream {
-    pub fn new(timeouts: Timeouts, pool_idle_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(timeouts.connect));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+    /// A client for `http://` and `https://` backends; `tls` says whom `https://` trusts.
+    pub fn new(timeouts: Timeouts, pool_idle_timeout: Duration, tls: rustls::ClientConfig) -> Self {
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(timeouts.connect));
+        tcp.set_keepalive(Some(Duration::from_secs(60)));
+        tcp.enforce_http(false);
+        let connector = Dialer {
+            inner: HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(tcp),
+            limit: timeouts.connect,
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
@@ -88,10 +136,23 @@ impl Upstream {
         let uri: Uri = url
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("invalid upstream URL {url:?}: {e}")))?;
-        let authority = uri
-            .authority()
-            .ok_or_else(|| Error::InvalidArgument(format!("upstream URL {url:?} has no host")))?
-            .clone();
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(Error::InvalidArgument(format!(
+                "upstream URL {url:?} must start with http:// or https://"
+            )));
+        }
+        let Some(host) = uri.host().filter(|h| !h.is_empty()) else {
+            return Err(Error::InvalidArgument(format!(
+                "upstream URL {url:?} has no host"
+            )));
+        };
+        // `Host` is always the backend's authority (never the client's, which is hop-by-hop here),
+        // without any user-info the URL may carry.
+        let host = match uri.port_u16() {
+            Some(port) => HeaderValue::from_str(&format!("{host}:{port}")),
+            None => HeaderValue::from_str(host),
+        }
+        .map_err(|_| Error::InvalidArgument(format!("invalid upstream host in {url:?}")))?;
         let mut map = HeaderMap::with_capacity(headers.len() + 1);
         for (name, value) in headers {
             let lower = name.to_ascii_lowercase();
@@ -107,9 +168,6 @@ impl Upstream {
             };
             map.append(name, value);
         }
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| {
-            Error::InvalidArgument(format!("invalid upstream authority {authority}"))
-        })?;
         map.insert(hyper::header::HOST, host);
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = method;
@@ -121,10 +179,7 @@ impl Upstream {
     /// Send the request and wait for the status line and headers (bounded by the first-byte and
     /// total timeouts); the body is left to the returned reader.
     pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Response> {
-        let authority = request
-            .uri()
-            .authority()
-            .map_or_else(String::new, |a| a.to_string());
+        let authority = endpoint(request.uri());
         let start = Instant::now();
         let deadline = start + self.timeouts.total;
         let wait = self.timeouts.first_byte.min(self.timeouts.total);
@@ -164,6 +219,15 @@ impl Upstream {
                 abort: Arc::new(Abort::default()),
             },
         })
+    }
+}
+
+/// `host:port` of a URL, as errors name a backend (no user-info: it may hold a password).
+pub fn endpoint(uri: &Uri) -> String {
+    let host = uri.host().unwrap_or_default();
+    match uri.port_u16() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
 }
 

@@ -5,11 +5,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 use super::{Abort, Timeouts, Upstream};
 use crate::errors::{Error, Phase};
+use crate::forward::tls::client_config;
+
+/// A client with the system's roots only (and a 30 s pool idle timeout).
+fn plain(timeouts: Timeouts) -> Upstream {
+    Upstream::new(
+        timeouts,
+        Duration::from_secs(30),
+        client_config(None).expect("tls"),
+    )
+}
 
 fn timeouts() -> Timeouts {
     Timeouts {
@@ -21,7 +31,7 @@ fn timeouts() -> Timeouts {
 }
 
 /// Read one request head (and its small body) from the socket; false at EOF.
-async fn read_request(sock: &mut TcpStream) -> bool {
+async fn read_request<S: AsyncRead + Unpin>(sock: &mut S) -> bool {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1024];
     loop {
@@ -86,7 +96,7 @@ fn request(url: &str) -> hyper::Request<http_body_util::Full<Bytes>> {
 #[tokio::test]
 async fn sequential_requests_reuse_one_pooled_connection() {
     let (url, accepted) = keepalive_server("{\"ok\":true}").await;
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     for _ in 0..5 {
         let mut response = upstream.send(request(&url)).await.expect("send");
         assert_eq!(response.status, 200);
@@ -110,7 +120,7 @@ async fn sequential_requests_reuse_one_pooled_connection() {
 #[tokio::test]
 async fn concurrent_requests_are_not_capped_by_the_pool() {
     let (url, accepted) = keepalive_server("{}").await;
-    let upstream = Arc::new(Upstream::new(timeouts(), Duration::from_secs(30)));
+    let upstream = Arc::new(plain(timeouts()));
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let upstream = upstream.clone();
@@ -137,7 +147,7 @@ async fn refused_connection_is_a_connect_error() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     drop(listener);
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let err = upstream
         .send(request(&format!("http://{addr}/x")))
         .await
@@ -156,7 +166,7 @@ async fn silent_backend_hits_the_first_byte_timeout() {
             held.push(sock);
         }
     });
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let started = std::time::Instant::now();
     let err = upstream
         .send(request(&format!("http://{addr}/x")))
@@ -224,7 +234,7 @@ async fn chunked_server(gap: Duration, closed: Arc<tokio::sync::Notify>) -> Stri
 async fn stream_chunks_arrive_one_by_one_as_sent() {
     let closed = Arc::new(tokio::sync::Notify::new());
     let url = chunked_server(Duration::from_millis(150), closed).await;
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let mut response = upstream.send(request(&url)).await.expect("send");
     let started = std::time::Instant::now();
     let first = response
@@ -253,7 +263,7 @@ async fn stream_chunks_arrive_one_by_one_as_sent() {
 async fn stalled_stream_hits_the_idle_timeout() {
     let closed = Arc::new(tokio::sync::Notify::new());
     let url = chunked_server(Duration::from_secs(3), closed).await;
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let mut response = upstream.send(request(&url)).await.expect("send");
     response.body.next_chunk().await.expect("chunk");
     let err = response.body.next_chunk().await.expect_err("must time out");
@@ -273,7 +283,7 @@ async fn stalled_stream_hits_the_idle_timeout() {
 async fn aborted_body_closes_the_upstream_connection() {
     let closed = Arc::new(tokio::sync::Notify::new());
     let url = chunked_server(Duration::from_secs(3), closed.clone()).await;
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let mut response = upstream.send(request(&url)).await.expect("send");
     response.body.next_chunk().await.expect("chunk");
     let handle = response.body.abort_handle();
@@ -341,10 +351,7 @@ async fn late_first_chunk_server(delay: Duration) -> String {
 #[tokio::test]
 async fn headers_are_answered_before_a_late_first_chunk() {
     let url = late_first_chunk_server(Duration::from_millis(400)).await;
-    let upstream = Upstream::new(
-        timeouts_with_first_byte(Duration::from_secs(2)),
-        Duration::from_secs(30),
-    );
+    let upstream = plain(timeouts_with_first_byte(Duration::from_secs(2)));
     let started = std::time::Instant::now();
     let mut response = upstream.send(request(&url)).await.expect("send");
     let early = response
@@ -371,7 +378,7 @@ async fn headers_are_answered_before_a_late_first_chunk() {
 #[tokio::test]
 async fn a_first_chunk_sent_with_the_headers_is_ready_at_once() {
     let url = late_first_chunk_server(Duration::ZERO).await;
-    let upstream = Upstream::new(timeouts(), Duration::from_secs(30));
+    let upstream = plain(timeouts());
     let mut response = upstream.send(request(&url)).await.expect("send");
     let early = response
         .body
@@ -387,7 +394,7 @@ async fn a_missing_first_chunk_is_a_first_byte_timeout() {
     let url = late_first_chunk_server(Duration::from_secs(3)).await;
     let mut limits = timeouts_with_first_byte(Duration::from_millis(300));
     limits.idle = Duration::from_secs(5);
-    let upstream = Upstream::new(limits, Duration::from_secs(30));
+    let upstream = plain(limits);
     let started = std::time::Instant::now();
     let mut response = upstream.send(request(&url)).await.expect("send");
     let err = response.body.next_chunk().await.expect_err("must time out");
@@ -462,5 +469,243 @@ fn a_trigger_racing_the_start_of_a_wait_is_never_lost() {
             matches!(waited, Ok(None)),
             "round {round}: the trigger was lost"
         );
+    }
+}
+
+// -- TLS ------------------------------------------------------------------------------------------
+
+const TEST_CA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rust/forward/testdata/ca.pem");
+
+fn acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/rust/forward/testdata");
+    let certs = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+        .expect("server.pem")
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).expect("server.key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// Answer `body` to every request on `sock` until it closes; the request heads are kept.
+async fn answer_all<S: AsyncRead + AsyncWrite + Unpin>(mut sock: S, body: &str) {
+    while read_request(&mut sock).await {
+        let reply = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+            body.len(),
+            body
+        );
+        if sock.write_all(reply.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A keep-alive HTTPS server (the test CA's leaf for 127.0.0.1); counts TCP connections accepted,
+/// each of which is one full TLS handshake.
+async fn tls_server(body: &'static str) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let tls = acceptor();
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Ok(stream) = tls.accept(sock).await {
+                    answer_all(stream, body).await;
+                }
+            });
+        }
+    });
+    (
+        format!("https://{addr}/openai/v1/chat/completions"),
+        accepted,
+    )
+}
+
+#[tokio::test]
+async fn https_requests_reuse_one_pooled_tls_connection() {
+    let (url, accepted) = tls_server("{\"tls\":true}").await;
+    let upstream = Upstream::new(
+        timeouts(),
+        Duration::from_secs(30),
+        client_config(Some(TEST_CA)).expect("ca_file"),
+    );
+    for _ in 0..5 {
+        let mut response = upstream.send(request(&url)).await.expect("send");
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.body.read_all().await.expect("body"),
+            Bytes::from_static(b"{\"tls\":true}")
+        );
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one handshake, then reuse"
+    );
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_connect_error() {
+    let (url, _) = tls_server("{}").await;
+    let err = plain(timeouts())
+        .send(request(&url))
+        .await
+        .err()
+        .expect("must fail");
+    match err {
+        Error::Connect { reason, .. } => assert!(reason.contains("certificate"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_a_connect_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            held.push(sock); // accepts TCP, never answers the ClientHello
+        }
+    });
+    let upstream = plain(Timeouts {
+        connect: Duration::from_millis(200),
+        first_byte: Duration::from_secs(5),
+        ..timeouts()
+    });
+    let started = std::time::Instant::now();
+    let err = upstream
+        .send(request(&format!("https://{addr}/x")))
+        .await
+        .err()
+        .expect("must fail");
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_bad_ca_file_is_refused_with_a_clear_message() {
+    let missing = client_config(Some("/nonexistent/ca.pem"))
+        .err()
+        .expect("missing");
+    assert!(missing.to_string().contains("cannot be read"), "{missing}");
+    let not_pem = client_config(Some(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")))
+        .err()
+        .expect("not pem");
+    assert!(
+        not_pem.to_string().contains("holds no PEM certificate"),
+        "{not_pem}"
+    );
+    let key_only = client_config(Some(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/rust/forward/testdata/server.key"
+    )))
+    .err()
+    .expect("a key is no certificate");
+    assert!(
+        matches!(key_only, Error::InvalidArgument(_)),
+        "{key_only:?}"
+    );
+    assert!(client_config(Some(TEST_CA)).is_ok());
+}
+
+#[test]
+fn urls_are_checked_and_host_is_the_backend_authority() {
+    assert!(Upstream::build_request("GET", "ftp://x/", &[], Bytes::new()).is_err());
+    assert!(Upstream::build_request("GET", "/v1/models", &[], Bytes::new()).is_err());
+    let client_host = [("host".to_owned(), "gateway.example".to_owned())];
+    for (url, host) in [
+        ("https://gpu3.lan/openai/v1/chat/completions", "gpu3.lan"),
+        ("https://gpu3.lan:8443/v1/models", "gpu3.lan:8443"),
+        (
+            "http://user:secret@10.0.0.5:8000/v1/models",
+            "10.0.0.5:8000",
+        ),
+        ("http://[::1]:8001/v1/models", "[::1]:8001"),
+    ] {
+        let req = Upstream::build_request("POST", url, &client_host, Bytes::new()).expect(url);
+        assert_eq!(
+            req.headers().get("host").map(|v| v.as_bytes()),
+            Some(host.as_bytes()),
+            "{url}"
+        );
+        assert_eq!(req.headers().get_all("host").iter().count(), 1);
+    }
+}
+
+/// A keep-alive plain-HTTP server like `tls_server` (same answer), for the comparison below.
+async fn plain_server(body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            tokio::spawn(answer_all(sock, body));
+        }
+    });
+    format!("http://{addr}/v1/chat/completions")
+}
+
+/// Not a test: the numbers of docs/adr/006-upstream-tls.md. Run with an optimised build, e.g.
+/// `CARGO_PROFILE_RELEASE_LTO=false cargo test --release --target-dir target/measure --lib \
+///  measure_tls_against_plain -- --ignored --nocapture`. Client and server share this process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement, not a check"]
+async fn measure_tls_against_plain() {
+    let (https, _) = tls_server("{\"ok\":true}").await;
+    let http = plain_server("{\"ok\":true}").await;
+    for (name, url) in [("http", http), ("https", https)] {
+        let client = || {
+            Arc::new(Upstream::new(
+                timeouts(),
+                Duration::from_secs(30),
+                client_config(Some(TEST_CA)).expect("tls"),
+            ))
+        };
+        // A new connection per request (connect, plus the handshake for https).
+        let fresh = 200;
+        let started = std::time::Instant::now();
+        for _ in 0..fresh {
+            let upstream = client();
+            let mut response = upstream.send(request(&url)).await.expect("send");
+            response.body.read_all().await.expect("body");
+        }
+        let cold = started.elapsed() / fresh;
+        // Pooled: 16 concurrent callers, 1,000 requests each, over 16 kept-alive connections.
+        let upstream = client();
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let upstream = upstream.clone();
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..1000 {
+                    let mut response = upstream.send(request(&url)).await.expect("send");
+                    response.body.read_all().await.expect("body");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("join");
+        }
+        let rate = 16_000.0 / started.elapsed().as_secs_f64();
+        println!("{name}: first request on a new connection {cold:?}, pooled {rate:.0} req/s");
     }
 }

@@ -6,6 +6,7 @@
 //! the upstream connection and the backend stops generating.
 mod bridge;
 mod client;
+mod tls;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -145,14 +146,18 @@ pub struct Forwarder {
 #[pymethods]
 impl Forwarder {
     #[new]
-    #[pyo3(signature = (event_loop, *, connect_timeout=2.0, first_byte_timeout=120.0, idle_timeout=60.0, total_timeout=600.0, pool_idle_timeout=90.0))]
+    /// `ca_file`: a PEM bundle of CAs trusted for `https://` backends besides the system's roots.
+    #[pyo3(signature = (event_loop, *, connect_timeout=2.0, first_byte_timeout=120.0, idle_timeout=60.0, total_timeout=600.0, pool_idle_timeout=90.0, ca_file=None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         event_loop: Py<PyAny>,
         connect_timeout: f64,
         first_byte_timeout: f64,
         idle_timeout: f64,
         total_timeout: f64,
         pool_idle_timeout: f64,
+        ca_file: Option<String>,
     ) -> PyResult<Self> {
         let timeouts = Timeouts {
             connect: seconds("connect_timeout", connect_timeout)?,
@@ -161,13 +166,15 @@ impl Forwarder {
             total: seconds("total_timeout", total_timeout)?,
         };
         let pool_idle = seconds("pool_idle_timeout", pool_idle_timeout)?;
+        // Reading the system's CA store the first time takes milliseconds: not under the GIL.
+        let tls = py.detach(|| tls::client_config(ca_file.as_deref()))?;
         let runtime = runtime::get()?;
         // The pool's timers need the runtime's context when the client is built.
         let _guard = runtime.enter();
         let bridge = Bridge::new()
             .map_err(|e| Error::Runtime(format!("cannot create the wake-up channel: {e}")))?;
         Ok(Self {
-            upstream: Arc::new(Upstream::new(timeouts, pool_idle)),
+            upstream: Arc::new(Upstream::new(timeouts, pool_idle, tls)),
             link: Arc::new(LoopLink { event_loop, bridge }),
         })
     }
@@ -227,10 +234,7 @@ impl Forwarder {
     fn probe(&self, py: Python<'_>, url: &str, timeout: f64) -> PyResult<Pending> {
         let limit = seconds("timeout", timeout)?;
         let request = Upstream::build_request("GET", url, &[], Bytes::new())?;
-        let authority = request
-            .uri()
-            .authority()
-            .map_or_else(String::new, |a| a.to_string());
+        let authority = client::endpoint(request.uri());
         let upstream = self.upstream.clone();
         let work = async move {
             let exchange = async {

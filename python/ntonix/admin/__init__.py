@@ -1,1 +1,1 @@
-"""Operator surfaces served by the gateway itself: the live dashboard page (SPEC §12)."""
+"""Operator surfaces served by the gateway itself: the live dashboard page (`GET /dashboard`)."""

@@ -1,4 +1,4 @@
-"""The live dashboard page of SPEC §12, shipped in the wheel as package data.
+"""The live dashboard page (`GET /dashboard`), shipped in the wheel as package data.
 
 `dashboard.html` is one self-contained file (HTML, CSS and a hand-drawn SVG
 chart in plain JavaScript; no CDN, no external font). It polls the relative

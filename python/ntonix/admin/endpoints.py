@@ -120,14 +120,21 @@ def _model_object(gw: Gateway, model: str) -> dict[str, Any]:
 
 
 def models(gw: Gateway, scope: Any, proto: Any) -> int:
-    data = [_model_object(gw, m) for m in gw.registry.model_ids()]
+    principal = gw.guard.authenticate(scope.headers)  # 401 with keys on and no valid key
+    registry = gw.registry
+    ids = registry.model_ids()
+    if principal is not None and principal.models is not None:
+        ids = [m for m in ids if principal.may_use(m, registry.aliases)]  # only the key's models
+    data = [_model_object(gw, m) for m in ids]
     proto.response_bytes(200, JSON_HEADERS, _encode({"object": "list", "data": data}))
     return 200
 
 
 def model(gw: Gateway, scope: Any, proto: Any) -> int:
+    principal = gw.guard.authenticate(scope.headers)
     wanted = urllib.parse.unquote(scope.path[len("/v1/models/") :])
-    if wanted not in gw.registry.known:
+    visible = principal is None or principal.may_use(wanted, gw.registry.aliases)
+    if wanted not in gw.registry.known or not visible:
         raise GatewayError(404, "model_not_found", f"The model '{wanted}' does not exist", param="model")
     proto.response_bytes(200, JSON_HEADERS, _encode(_model_object(gw, wanted)))
     return 200

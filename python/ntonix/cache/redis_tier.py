@@ -182,6 +182,34 @@ class RedisTier:
             self._failed("read", err)
             return None
         self.failures = 0
+        return self._accept(key, name, value, stream)
+
+    async def get_many(self, keys: list[int]) -> dict[int, tuple[bytes, str]]:
+        """The answers stored under `keys` (one bounded MGET; found ones fill L1), by key."""
+        if not keys:
+            return {}
+        if not self.up:
+            self.skipped += 1
+            return {}
+        names = [f"{self.prefix}{key:032x}" for key in keys]
+        try:
+            async with asyncio.timeout(self.timeout):
+                values = await self.client.mget(names)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._failed("read", err)
+            return {}
+        self.failures = 0
+        found: dict[int, tuple[bytes, str]] = {}
+        for key, name, value in zip(keys, names, values, strict=True):
+            hit = self._accept(key, name, value, False)
+            if hit is not None:
+                found[key] = hit
+        return found
+
+    def _accept(self, key: int, name: str, value: Any, stream: bool) -> tuple[bytes, str] | None:
+        """A value read from Redis as a hit (and L1 filled), or None (a miss, counted)."""
         if value is None:
             self.misses += 1
             return None
@@ -193,7 +221,7 @@ class RedisTier:
                 raise BadValueError("stored for another kind of request")
             if stream:
                 unpack_chunks(body)  # a replay must not fail halfway through
-        except (BadValueError, ValueError) as err:
+        except ValueError as err:  # BadValueError, or msgspec's errors for an unpackable stream
             self._bad_value(name, err)
             return None
         remaining = expires_at - time.time()

@@ -1,7 +1,7 @@
 """Gateway counters and their two views: the seed's JSON and Prometheus text.
 
 Counters are plain attributes bumped on the event loop (one thread, so no
-locks). `snapshot()` renders the JSON of SPEC §4 `/metrics`; `prometheus()`
+locks). `snapshot()` renders the `/metrics` JSON (fields listed in the README); `prometheus()`
 renders the same figures, plus latency histograms per backend, the
 time-to-first-token histogram, cache counters and circuit states, in the
 Prometheus text exposition format (version 0.0.4).
@@ -52,6 +52,8 @@ class Metrics:
         self.coalesced_streams = 0  # streaming requests that joined a live generation
         self.stream_group_peak = 0  # most clients attached to one live generation
         self.followers_dropped = 0  # followers disconnected for falling behind
+        self.embedding_inputs_hit = 0  # embedding inputs answered without computing them upstream
+        self.embedding_inputs_missed = 0  # embedding inputs sent upstream
         self.retries = 0
         self.client_disconnects = 0
         self.stream_errors = 0
@@ -62,6 +64,7 @@ class Metrics:
         self.models: dict[tuple[str, str], ModelStats] = {}
         self.known_models: Callable[[], frozenset[str]] = frozenset
         self.policy = "round_robin"
+        self.policy_stats: Callable[[], dict[str, object]] = dict
 
     def finish(self, status: int, latency_ms: float, client_error: bool = False) -> None:
         """Count one answered request (`client_error`: a 4xx the gateway made for bad input)."""
@@ -126,6 +129,8 @@ class Metrics:
             "streams_coalesced": self.coalesced_streams,
             "stream_group_clients_max": self.stream_group_peak,
             "stream_followers_dropped": self.followers_dropped,
+            "embedding_inputs_hit": self.embedding_inputs_hit,
+            "embedding_inputs_missed": self.embedding_inputs_missed,
             "uptime_seconds": time.monotonic() - self.started,
             "connections_active": self.requests_active,
             "connections_total": self.requests_total,
@@ -137,6 +142,7 @@ class Metrics:
             "ttft_ms": percentiles(self.ttft),
             "latency_ms": percentiles(self.request_latency),
             "routing_policy": self.policy,
+            "routing": self.policy_stats(),
             "models": self.models_json(),
             "backends": [_backend_json(b) for b in backends],
         }
@@ -161,6 +167,31 @@ class Metrics:
             "ntonix_cache_coalesced_total",
             "Requests that waited for an identical one.",
             [((), self.coalesced)],
+        )
+        counter(
+            "ntonix_streams_coalesced_total",
+            "Streaming requests that joined a live identical generation.",
+            [((), self.coalesced_streams)],
+        )
+        gauge(
+            "ntonix_stream_group_clients_max",
+            "Most clients attached to one live generation.",
+            [((), self.stream_group_peak)],
+        )
+        counter(
+            "ntonix_stream_followers_dropped_total",
+            "Stream followers disconnected for falling behind.",
+            [((), self.followers_dropped)],
+        )
+        counter(
+            "ntonix_embedding_inputs_hit_total",
+            "Embedding inputs answered without computing them upstream.",
+            [((), self.embedding_inputs_hit)],
+        )
+        counter(
+            "ntonix_embedding_inputs_missed_total",
+            "Embedding inputs sent upstream.",
+            [((), self.embedding_inputs_missed)],
         )
         counter("ntonix_retries_total", "Attempts retried on another backend.", [((), self.retries)])
         counter(
@@ -187,6 +218,21 @@ class Metrics:
         )
         for key in ("entries", "size_bytes", "max_size_bytes"):
             gauge(f"ntonix_cache_{key}", f"Cache {key.replace('_', ' ')}.", [((), cache.get(key, 0))])
+        routing = self.policy_stats()
+        gauge(
+            "ntonix_routing_policy_info",
+            "The balancing policy (label policy), always 1.",
+            [((("policy", str(routing.get("policy", self.policy))),), 1)],
+        )
+        index = routing.get("prefix_index")
+        if isinstance(index, dict):
+            for name, value in sorted(index.items()):
+                if isinstance(value, int | float):
+                    gauge(
+                        f"ntonix_prefix_index_{name}",
+                        f"Prefix index: {name.replace('_', ' ')}.",
+                        [((), value)],
+                    )
         counter(
             "ntonix_requests_client_error_total",
             "Answers >= 400 the gateway made for bad input.",

@@ -12,6 +12,7 @@ import msgspec
 from ntonix.routes.spec import prompt_text
 
 if TYPE_CHECKING:
+    from ntonix.auth.keys import Principal
     from ntonix.routes.spec import RequestFacts, RouteSpec
 
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -42,6 +43,7 @@ class Exchange:
         "facts",
         "model",
         "path",
+        "principal",
         "prompt",
         "request",
         "request_id",
@@ -69,6 +71,7 @@ class Exchange:
         self.prompt: str | None = None
         self.session_header: str | None = None
         self.client_error = False
+        self.principal: Principal | None = None  # the caller's gateway API key, when keys are on
 
     @property
     def session_key(self) -> str | None:
@@ -87,5 +90,6 @@ class Exchange:
                 except msgspec.DecodeError:
                     decoded = None
                 request = decoded if isinstance(decoded, dict) else None
-            self.prompt = prompt_text(self.route, request)
+            # namespaced by model: one prefix index serves every model pool
+            self.prompt = f"{self.model or ''}\n{prompt_text(self.route, request)}"
         return self.prompt

@@ -40,13 +40,17 @@ from ntonix.errors import (
     UpstreamTimeoutError,
     error_body,
 )
+from ntonix.limits.stream import UsageTap, ask_for_usage
+from ntonix.pipeline.embeddings import EmbeddingInputs
 from ntonix.pipeline.exchange import Exchange, client_request_id
 from ntonix.pipeline.fanout import LAG_BOUND_BYTES, StreamGroup
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
+from ntonix.routes.spec import EMBEDDINGS
 
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
+    from ntonix.auth.guard import Guard
     from ntonix.cache.redis_tier import RedisTier
     from ntonix.config import Settings
     from ntonix.observe.metrics import Metrics
@@ -96,6 +100,8 @@ class Proxy:
         self.slow = SlowRequestWatch()
         self.keys = KeyMemo()
         self.shared: RedisTier | None = None  # the Redis tier behind `cache`, set by the gateway
+        self.embeddings = EmbeddingInputs(self)  # /v1/embeddings cached per input (embeddings.py)
+        self.guard: Guard | None = None  # set by the gateway when API keys are configured
 
     async def handle(self, route: RouteSpec, scope: Any, proto: Any) -> None:
         """Run the whole pipeline for one request; never raises to Granian (but a cancel)."""
@@ -107,6 +113,8 @@ class Proxy:
         if route.validate is None:  # an unknown route goes upstream as the client named it
             ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
+            if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
+                proto = self.guard.admit(headers, ex, proto)
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
             self._error(proto, ex, err)
@@ -138,12 +146,19 @@ class Proxy:
         digest = self._parse(ex, body, cacheable)
         facts = ex.facts
         assert facts is not None
+        if ex.principal is not None:
+            ex.principal.check_model(facts.model, self.registry().aliases)  # 403 model_not_allowed
         model, pool = self._resolve(ex)
         if self.session_header:
             ex.session_header = headers.get(self.session_header)
+        per_input = route is EMBEDDINGS and digest is not None and not facts.stream  # see embeddings.py
+        if per_input and await self.embeddings.answer(
+            proto, headers, pool, self._scope(headers, pool, ex), no_cache, ex
+        ):
+            return
         key: int | None = None
         if digest is not None and (not facts.stream or self.cache_streams or self.coalesce_streams):
-            key = cache_key(route.name, model, self._scope(headers, pool), digest)
+            key = cache_key(route.name, model, self._scope(headers, pool, ex), digest)
         cache = self.cache
         if key is not None:
             assert cache is not None
@@ -248,8 +263,11 @@ class Proxy:
             log.debug("request %s: alias %s -> %s", ex.request_id, facts.model, model)
         return model, pool
 
-    def _scope(self, headers: Any, pool: BackendPool) -> str:
-        """The credential scope of cached answers: the client's Authorization when it reaches a backend."""
+    def _scope(self, headers: Any, pool: BackendPool, ex: Exchange) -> str:
+        """The credential scope of cached answers: the client's Authorization when it reaches a backend,
+        the gateway key with `cache.scope: key` (with gateway keys on, no client Authorization goes up)."""
+        if ex.principal is not None and self.guard is not None:
+            return self.guard.scope(ex.principal)
         authorization = headers.get("authorization")
         if not authorization or all(b.api_key is not None for b in pool.backends):
             return ""
@@ -261,6 +279,7 @@ class Proxy:
         self.metrics.model(ex.route.name, ex.model).cache_hits += 1
         body, meta = hit
         ex.cache = "HIT"
+        log.debug("request %s: cache hit (%d bytes)", ex.request_id, len(body))
         ex.status = 200
         out = decode_meta(meta)
         if len(out) > 1 and not _accepts(headers.get("accept-encoding"), out[1][1]):
@@ -301,7 +320,16 @@ class Proxy:
 
     def _upstream_headers(self, headers: Any, ex: Exchange, cacheable: bool) -> list[tuple[str, str]]:
         """The client's headers as sent upstream, less those the gateway replaces per backend."""
-        out = [(name, value) for name, value in headers.items() if name not in _REPLACED]
+        out = [
+            (name, value)
+            for name, value in headers.items()
+            if name not in _REPLACED
+            and not name.startswith("proxy-")  # Proxy-Authorization: ours, not theirs
+        ]
+        connection = headers.get("connection")
+        if connection:  # headers the client named hop-by-hop (RFC 9110 §7.6.1) stay on this hop
+            named = {token.strip().lower() for token in connection.split(",")}
+            out = [(name, value) for name, value in out if name not in named]
         out.append(("x-request-id", ex.request_id))
         encoding = headers.get("accept-encoding")
         if cacheable:
@@ -341,7 +369,7 @@ class Proxy:
             send = base
             if backend.api_key is not None:
                 send = [*base, ("authorization", f"Bearer {backend.api_key}")]
-            elif authorization is not None:
+            elif authorization is not None and ex.principal is None:  # a gateway key never goes upstream
                 send = [*base, ("authorization", authorization)]
             pending = self.forwarder.request("POST", backend.url + path, send, ex.body, buffer)
             if proto is not None:  # None: a shared stream's producer, cancelled when its last client left
@@ -405,6 +433,8 @@ class Proxy:
         """Count the answer's tokens for its model; answers the cached prompt tokens it reported."""
         if usage is None:
             return None
+        if ex.principal is not None and self.guard is not None:
+            self.guard.charge(ex.principal, usage.prompt + usage.completion)
         stats = self.metrics.model(ex.route.name, ex.model)
         stats.prompt_tokens += usage.prompt
         stats.completion_tokens += usage.completion
@@ -420,9 +450,14 @@ class Proxy:
         ex.bytes_sent = len(answer.body)
         proto.response_bytes(answer.status, headers, answer.body)
 
+    def _usage_tap(self, ex: Exchange) -> UsageTap | None:
+        """For a key with a tpm: ask the backend for the stream's usage; the tap that strips it again."""
+        return ask_for_usage(ex) if ex.principal is not None and ex.principal.tpm is not None else None
+
     async def _forward_stream(
         self, proto: Any, headers: Any, pool: BackendPool, key: int | None, ex: Exchange
     ) -> None:
+        tap = self._usage_tap(ex)
         lease, response = await self._forward(
             proto, headers, pool, ex, buffer=False, cacheable=key is not None
         )
@@ -455,16 +490,18 @@ class Proxy:
                 ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
                 metrics.ttft.observe(ex.ttfb_ms)
             while chunk is not None:
+                sent = chunk if tap is None else tap.feed(chunk)  # tap: the usage event we asked for
                 try:
-                    await transport.send_bytes(chunk)
+                    if sent:
+                        await transport.send_bytes(sent)
                 except Exception:
                     left = True
                     response.close()
                     break
-                ex.bytes_sent += len(chunk)
+                ex.bytes_sent += len(sent)
                 backend.last_progress = time.monotonic()
-                if record is not None:
-                    record.append(chunk)
+                if record is not None and sent:
+                    record.append(sent)
                 if b'"usage"' in chunk:
                     usage_chunk = chunk
                 if chunk.rstrip().endswith(b"[DONE]"):
@@ -489,10 +526,15 @@ class Proxy:
                             await transport.send_bytes(_stream_error_event(err))
                     record = None
                     break
+            if tap is not None and not left and (rest := tap.flush()):
+                await transport.send_bytes(rest)  # an event held back that never completed
         finally:
             self.slow.remove(response)
             metrics.streams_active -= 1
-            cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
+            if tap is not None and tap.usage is not None:
+                cached = self._note_usage(ex, tap.usage)
+            else:
+                cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
             pool.release(ex, lease, cached)
             if left:
                 metrics.client_disconnects += 1
@@ -580,6 +622,7 @@ class Proxy:
         response: UpstreamResponse | None = None
         done = broken = False
         usage_chunk: bytes | None = None
+        tap = self._usage_tap(ex)
         try:
             try:
                 lease, response = await self._forward(None, headers, pool, ex, buffer=False, cacheable=True)
@@ -593,7 +636,9 @@ class Proxy:
             if chunk is None:
                 chunk = await response.next_chunk()
             while chunk is not None:
-                group.append(chunk)
+                sent = chunk if tap is None else tap.feed(chunk)  # tap: the usage event we asked for
+                if sent:
+                    group.append(sent)
                 backend.last_progress = time.monotonic()
                 if b'"usage"' in chunk:
                     usage_chunk = chunk
@@ -615,6 +660,8 @@ class Proxy:
                     if (header_value(response.headers, "content-type") or "").startswith("text/event-stream"):
                         group.append(_stream_error_event(err))
                     break
+            if tap is not None and (rest := tap.flush()):
+                group.append(rest)
         except asyncio.CancelledError:
             log.debug("request %s: every client left the shared stream; upstream closed", ex.request_id)
             broken = True
@@ -628,7 +675,10 @@ class Proxy:
             if response is not None and (broken or not done):
                 response.close()
             if lease is not None:
-                cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
+                if tap is not None and tap.usage is not None:
+                    cached = self._note_usage(ex, tap.usage)
+                else:
+                    cached = self._note_usage(ex, usage_of_stream(usage_chunk)) if usage_chunk else None
                 pool.release(ex, lease, cached)
             if not group.head.done():
                 group.head.cancel()
@@ -676,6 +726,7 @@ class Proxy:
             latency_ms,
             ex.ttfb_ms,
             ex.model,
+            ex.principal.name if ex.principal is not None else None,
         )
 
 

@@ -44,6 +44,7 @@ class SlowRequestWatch:
     single sweeper moves requests from `fresh` to `aging` every `period` and starts watches on those
     that were already aging (waiting between one and two periods). Per request that is one dict
     insert and one delete; slow generations still learn of a client that left within two periods.
+    The sweeper runs only while some request waits in `fresh` or `aging`.
     """
 
     def __init__(self, period: float = DISCONNECT_WATCH_DELAY) -> None:
@@ -65,7 +66,9 @@ class SlowRequestWatch:
                 watch.stop()
 
     async def _sweep(self) -> None:
-        while True:
+        # NOTE: it stops once nothing waits to be watched (an idle gateway must not wake every period);
+        # the next `add` starts it again. Started watches need no sweeping, only their own task.
+        while self.fresh or self.aging:
             await asyncio.sleep(self.period)
             for token, (proto, on_disconnect) in self.aging.items():
                 watch = _DisconnectWatch(proto, on_disconnect)
@@ -73,6 +76,7 @@ class SlowRequestWatch:
                 self.watching[token] = watch
             self.aging = self.fresh
             self.fresh = {}
+        self._task = None
 
     def close(self) -> None:
         if self._task is not None:

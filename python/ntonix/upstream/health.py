@@ -67,11 +67,13 @@ class HealthChecker:
         forwarder: Forwarder,
         backends: Callable[[], Sequence[Backend]],
         on_models_changed: Callable[[], None] = lambda: None,
+        on_unhealthy: Callable[[Backend], None] = lambda backend: None,
     ) -> None:
         self.config = config
         self.forwarder = forwarder
         self.backends = backends
         self.on_models_changed = on_models_changed
+        self.on_unhealthy = on_unhealthy
         self.checks = 0
         self.fallback: dict[int, str] = {}  # backend id -> path used after its default answered 404
 
@@ -140,6 +142,7 @@ class HealthChecker:
         if backend.healthy and backend.consecutive_check_failures >= self.config.unhealthy_threshold:
             backend.healthy = False
             log.warning("backend %s marked unhealthy: %s", backend.key, reason)
+            self.on_unhealthy(backend)
 
     def _busy(self, backend: Backend) -> bool:
         """Visible progress on real traffic within the last interval plus timeout."""

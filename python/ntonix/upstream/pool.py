@@ -56,6 +56,8 @@ class BackendPool:
             return None
         backend = candidates[0] if len(candidates) == 1 else self.policy.select(ctx, candidates)
         probe = backend.breaker.on_selected(now)
+        if probe:
+            log.info("circuit half-open for backend %s: one probe request goes through", backend.key)
         backend.in_flight += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(

@@ -1,0 +1,64 @@
+"""`Guard`: the `authenticate → admit` phase of the pipeline and the admin check, in one object.
+
+The pipeline calls `admit` first thing for every proxied request when gateway
+keys are on: 401 without a valid key, 429 over its limits; the answer, whichever
+path writes it, then carries the key's `x-ratelimit-*` headers. Afterwards the
+pipeline asks `check_model` (403), `scope` (the cache namespace), whether to
+`ask_for_usage` on a stream, and `charge`s the answer's tokens. The router asks
+`check_admin` on the admin routes and `authenticate` on the other `/v1/` ones.
+A reload swaps the key table; the limiter (per-key state) stays.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ntonix.http.extra import WithHeaders
+from ntonix.limits.limiter import Limiter
+
+if TYPE_CHECKING:
+    from ntonix.auth.keys import KeyTable, Principal
+    from ntonix.pipeline.exchange import Exchange
+
+# The gateway's own routes that only the admin key may read (the dashboard page itself holds no data).
+ADMIN_PATHS = frozenset({"/metrics", "/metrics/prometheus", "/cache/stats"})
+
+
+class Guard:
+    """Keys, limits and the cache scope rule of one gateway process."""
+
+    __slots__ = ("by_key", "limiter", "table")
+
+    def __init__(self, table: KeyTable, limiter: Limiter, scope_by_key: bool) -> None:
+        self.table = table
+        self.limiter = limiter
+        self.by_key = scope_by_key
+
+    @property
+    def keys_on(self) -> bool:
+        return self.table.keys_on
+
+    def authenticate(self, headers: Any) -> Principal | None:
+        """The caller's principal (None when no keys are configured); 401 without a valid key."""
+        if not self.table.keys_on:
+            return None
+        return self.table.authenticate(headers.get("authorization"))
+
+    def admit(self, headers: Any, ex: Exchange, proto: Any) -> Any:
+        """Authenticate and spend one request (401, 429); the protocol that adds the limit headers."""
+        principal = ex.principal = self.table.authenticate(headers.get("authorization"))
+        limiter = self.limiter
+        limiter.admit(principal)
+        if principal.rpm is None and principal.tpm is None:
+            return proto
+        return WithHeaders(proto, lambda: limiter.headers(principal))
+
+    def check_admin(self, headers: Any) -> None:
+        self.table.check_admin(headers.get("authorization"))
+
+    def scope(self, principal: Principal) -> str:
+        """The cache namespace of the key's requests: its own with `cache.scope: key`, else the shared one."""
+        return principal.scope if self.by_key else ""
+
+    def charge(self, principal: Principal, tokens: int) -> None:
+        self.limiter.charge(principal, tokens)
