@@ -98,6 +98,8 @@ def metrics(gw: Gateway, scope: Any, proto: Any) -> int:
     document = gw.metrics.snapshot(gw.backends, gw.cache_stats())
     # with server.workers > 1 each worker answers for its own process only
     document["process"] = {"pid": os.getpid(), "worker": worker_id()}
+    if gw.guard.keys_on:
+        document["keys"] = gw.guard.snapshot()  # by name; never the keys
     proto.response_bytes(200, JSON_HEADERS, _encode(document))
     return 200
 
