@@ -183,6 +183,8 @@ class Proxy:
         if key is not None and not no_cache:
             leader = asyncio.get_running_loop().create_future()
             self.inflight[key] = leader
+            if self.shared is not None and await self._from_fleet(proto, key, leader, ex):
+                return
         try:
             lease, response = await self._forward(
                 proto, headers, pool, ex, buffer=True, cacheable=key is not None
@@ -192,6 +194,8 @@ class Proxy:
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
+            if self.shared is not None and key is not None:
+                self.shared.fleet_done(key)
             raise
         if key is not None and 200 <= answer.status < 300:
             assert cache is not None
@@ -199,6 +203,8 @@ class Proxy:
             cache.put(key, answer.body, meta)
             if self.shared is not None:
                 self.shared.put(key, answer.body, meta, False, answer.status)
+        elif self.shared is not None and key is not None:
+            self.shared.fleet_done(key)  # nothing to store: let the fleet's waiters go upstream
         if leader is not None:
             if self.inflight.get(key) is leader:  # type: ignore[arg-type]
                 del self.inflight[key]  # type: ignore[arg-type]
@@ -305,6 +311,25 @@ class Proxy:
                 raise  # this client left
             return False  # the leader's client left: make our own request
         ex.cache = "COALESCED"
+        self._respond_whole(proto, answer, ex)
+        return True
+
+    async def _from_fleet(self, proto: Any, key: int, leader: asyncio.Future[Answer], ex: Exchange) -> bool:
+        """Fleet single-flight (`cache.redis_lock_ms`): the answer another gateway computed, if any."""
+        assert self.shared is not None
+        try:
+            hit = await self.shared.fleet_wait(key)
+        except BaseException as exc:
+            self._release_waiters(key, leader, exc)
+            raise
+        if hit is None:
+            return False  # this process computes it (holding the lock, or done waiting)
+        if self.inflight.get(key) is leader:
+            del self.inflight[key]
+        answer = Answer(200, decode_meta(hit[1]), hit[0])
+        leader.set_result(answer)
+        ex.cache = "HIT"
+        self.metrics.model(ex.route.name, ex.model).cache_hits += 1
         self._respond_whole(proto, answer, ex)
         return True
 
