@@ -162,7 +162,8 @@ class Proxy:
             assert cache is not None
             ex.cache = "MISS"
             if not no_cache:
-                hit = cache.get(key)
+                # a stream keyed only to coalesce (cache.streaming off) is never stored: no lookup, no miss
+                hit = cache.get(key) if not facts.stream or self.cache_streams else None
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
                     return
