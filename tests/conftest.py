@@ -139,8 +139,18 @@ class Processes:
     def gateway_for(
         self, backends: list[dict[str, Any]], config: dict[str, Any] | None = None, **kwargs: Any
     ) -> Proc:
-        """A gateway whose config file lists `backends` (dicts as in the file) over `config`."""
-        return self.gateway(config={**(config or {}), "backends": backends}, **kwargs)
+        """A gateway whose config file lists `backends` (dicts as in the file) over `config`.
+
+        Its probes may take 3 s (`config` may say otherwise): on a loaded machine a probe that times out
+        makes a discovered backend eligible for any model until the next one, which rebuilds the pools.
+        """
+        document: dict[str, Any] = {"health_check": {"timeout_seconds": 3}}
+        for section, values in (config or {}).items():
+            if isinstance(values, dict) and isinstance(document.get(section), dict):
+                document[section] = {**document[section], **values}
+            else:
+                document[section] = values
+        return self.gateway(config={**document, "backends": backends}, **kwargs)
 
     def gateway(
         self,

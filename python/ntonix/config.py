@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple, TypeAlias, cast
@@ -194,6 +195,8 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     retries: int = 2
     # Largest accepted request body.
     max_body_size_mb: float = 32.0
+    # Extra CA bundle (PEM) trusted for https:// backends, besides the system roots; empty = none.
+    ca_file: str = ""
 
 
 class ApiKeyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -670,6 +673,19 @@ def _validate(s: Settings, layers: _Layers) -> None:
         )
     if s.ssl.enabled:
         _validate_ssl(s, layers)
+    if s.proxy.ca_file:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=s.proxy.ca_file)
+        except ssl.SSLError as exc:  # before OSError, its base class
+            raise ConfigError(
+                f"invalid configuration: proxy.ca_file: {s.proxy.ca_file!r} holds no PEM certificate "
+                f"({exc.reason}){layers.describe('proxy.ca_file')}"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration: proxy.ca_file: cannot read {s.proxy.ca_file!r}: "
+                f"{exc.strerror or exc}{layers.describe('proxy.ca_file')}"
+            ) from None
     _validate_auth(s, layers)
     for origin in s.server.cors_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):

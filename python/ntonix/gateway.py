@@ -52,6 +52,7 @@ class Gateway:
             first_byte_timeout=proxy.ttfb_timeout_seconds,
             idle_timeout=proxy.stream_idle_timeout_seconds,
             total_timeout=proxy.request_timeout_seconds,
+            ca_file=proxy.ca_file or None,
         )
         cache_cfg = settings.cache
         self.cache = (

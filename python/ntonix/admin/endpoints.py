@@ -86,6 +86,8 @@ def metrics(gw: Gateway, scope: Any, proto: Any) -> int:
     if "text/plain" in accept or "openmetrics" in accept:
         return prometheus(gw, scope, proto)
     document = gw.metrics.snapshot(gw.backends, gw.cache_stats())
+    if gw.guard.keys_on:
+        document["keys"] = gw.guard.snapshot()  # by name; never the keys
     proto.response_bytes(200, JSON_HEADERS, _encode(document))
     return 200
 

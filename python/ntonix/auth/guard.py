@@ -62,3 +62,17 @@ class Guard:
 
     def charge(self, principal: Principal, tokens: int) -> None:
         self.limiter.charge(principal, tokens)
+
+    def snapshot(self) -> dict[str, dict[str, int | None]]:
+        """Per key name: its limits, the requests refused (429) and the tokens its answers used."""
+        states = self.limiter.states
+        out: dict[str, dict[str, int | None]] = {}
+        for principal in self.table.by_digest.values():
+            state = states.get(principal.ident)
+            out[principal.name] = {
+                "rpm": principal.rpm,
+                "tpm": principal.tpm,
+                "rate_limited": state.rejected if state is not None else 0,
+                "tokens": state.tokens_used if state is not None else 0,
+            }
+        return out
