@@ -367,6 +367,18 @@ def test_metrics_per_model_with_tokens_from_usage(fresh: Cluster) -> None:
     assert backends == {fresh.a1.url: ["llama"], fresh.b.url: ["coder", "embed"]}
 
 
+def test_tokens_are_counted_from_gzip_compressed_answers(fresh: Cluster) -> None:
+    # not cacheable (cache off; /v1/responses never): the client's Accept-Encoding reaches the backend
+    gw = fresh.procs.gateway_for([backend_entry(fresh.a1, models=["llama"])], {"cache": {"enabled": False}})
+    gzip_headers = {"accept-encoding": "gzip", "x-mock-gzip": "1"}
+    whole = post(gw, CHAT, chat("llama", "two words"), gzip_headers)
+    assert whole.headers["content-encoding"] == "gzip" and whole.json()["usage"]["prompt_tokens"] == 2
+    answer = post(gw, "/v1/responses", {"model": "llama", "input": "three more words"}, gzip_headers)
+    assert answer.headers["content-encoding"] == "gzip" and answer.json()["usage"]["input_tokens"] == 3
+    llama = metrics(gw)["models"]["llama"]
+    assert (llama["prompt_tokens"], llama["completion_tokens"]) == (2 + 3, 16 + 16)
+
+
 def _samples(text: str, family: str) -> dict[tuple[str, str], float]:
     out = {}
     for route, model, value in re.findall(
