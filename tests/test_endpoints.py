@@ -78,7 +78,7 @@ def sse_data(text: str) -> list[str]:
 
 
 class Cluster:
-    """`llama` on mock a, `coder` and `embed` on mock b (discovered), alias `mini` -> llama."""
+    """`llama` on mock a, `coder` and `embed` on mock b (configured), alias `mini` -> llama."""
 
     def __init__(self, procs: Processes) -> None:
         self.a = procs.mock_serving("llama", name="a", wait=False)
@@ -87,7 +87,8 @@ class Cluster:
         for mock in self.mocks:
             procs.wait_healthy(mock)
         self.gateway = procs.gateway_for(
-            [backend_entry(self.a), backend_entry(self.b)],
+            # configured, not discovered: a probe timing out on a loaded machine cannot re-route anything
+            [backend_entry(self.a, models=["llama"]), backend_entry(self.b, models=["coder", "embed"])],
             {"models": {"aliases": {"mini": "llama"}}, "proxy": {"max_body_size_mb": MAX_BODY / 2**20}},
         )
         wait_models(self.gateway, {"llama", "coder", "embed", "mini"})

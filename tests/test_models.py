@@ -12,6 +12,8 @@ import itertools
 import json
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -324,6 +326,24 @@ def test_sighup_reapplies_backends_models_and_aliases(fresh: Cluster) -> None:
     assert served(a1) == 1 and served(b) == 0
 
 
+def test_an_alias_of_an_alias_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "chain.json"
+    document = {
+        "backends": [{"host": "127.0.0.1", "port": 9}],
+        "models": {"aliases": {"a": "b", "b": "llama"}},
+    }
+    config.write_text(json.dumps(document))
+    result = subprocess.run(
+        [sys.executable, "-m", "ntonix", "config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert "models.aliases" in line and "'b' is itself an alias" in line
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 
 
@@ -365,6 +385,18 @@ def test_metrics_per_model_with_tokens_from_usage(fresh: Cluster) -> None:
     assert "coder" not in models  # no traffic, no entry
     backends = {b["url"]: b["models"] for b in metrics(gw)["backends"]}
     assert backends == {fresh.a1.url: ["llama"], fresh.b.url: ["coder", "embed"]}
+
+
+def test_tokens_are_counted_from_gzip_compressed_answers(fresh: Cluster) -> None:
+    # not cacheable (cache off; /v1/responses never): the client's Accept-Encoding reaches the backend
+    gw = fresh.procs.gateway_for([backend_entry(fresh.a1, models=["llama"])], {"cache": {"enabled": False}})
+    gzip_headers = {"accept-encoding": "gzip", "x-mock-gzip": "1"}
+    whole = post(gw, CHAT, chat("llama", "two words"), gzip_headers)
+    assert whole.headers["content-encoding"] == "gzip" and whole.json()["usage"]["prompt_tokens"] == 2
+    answer = post(gw, "/v1/responses", {"model": "llama", "input": "three more words"}, gzip_headers)
+    assert answer.headers["content-encoding"] == "gzip" and answer.json()["usage"]["input_tokens"] == 3
+    llama = metrics(gw)["models"]["llama"]
+    assert (llama["prompt_tokens"], llama["completion_tokens"]) == (2 + 3, 16 + 16)
 
 
 def _samples(text: str, family: str) -> dict[tuple[str, str], float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -25,6 +26,9 @@ from ntonix.pipeline.proxy import Proxy
 from ntonix.upstream.backend import Backend, build_backends
 from ntonix.upstream.health import HealthChecker
 from ntonix.upstream.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from ntonix.cache.redis_tier import RedisTier
 
 log = logging.getLogger("ntonix")
 
@@ -70,6 +74,13 @@ class Gateway:
         self.proxy = Proxy(settings, self.forwarder, self.cache, self.metrics, lambda: self.registry)
         self.limiter = Limiter()
         self._set_guard(Guard(build_table(settings.auth), self.limiter, settings.cache.scope == "key"))
+        self.redis: RedisTier | None = None
+        if self.cache is not None and cache_cfg.redis_url:
+            from ntonix.cache.redis_tier import RedisTier
+
+            self.redis = RedisTier(cache_cfg, self.cache, cache_cfg.scope)
+            self.redis.start(loop)
+            self.proxy.shared = self.redis
         self.health = HealthChecker(
             settings.health_check,
             self.forwarder,
@@ -139,6 +150,10 @@ class Gateway:
 
     def cache_stats(self) -> dict[str, int]:
         return self.cache.stats() if self.cache is not None else dict(_EMPTY_CACHE_STATS)
+
+    def redis_stats(self) -> dict[str, Any] | None:
+        """The shared tier's counters, or None without `cache.redis_url`."""
+        return self.redis.stats() if self.redis is not None else None
 
     def healthy_backends(self) -> int:
         return sum(1 for b in self.backends if b.healthy)
