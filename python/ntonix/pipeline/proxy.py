@@ -114,7 +114,7 @@ class Proxy:
             ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
             if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
-                proto = self.guard.admit(headers, ex, proto)
+                proto = await self.guard.admit(headers, ex, proto)
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
             self._error(proto, ex, err)
