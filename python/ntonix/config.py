@@ -694,6 +694,12 @@ def _validate(s: Settings, layers: _Layers) -> None:
                 f"invalid configuration: models.aliases: {alias!r} -> {target!r}: "
                 f"expected two different non-empty model ids{layers.describe('models.aliases')}"
             )
+        if target in s.models.aliases:  # one hop only: the request would go to backends serving "target"
+            raise ConfigError(
+                f"invalid configuration: models.aliases: {alias!r} -> {target!r}: {target!r} is itself an "
+                f"alias (chains are not followed; point {alias!r} at a model id)"
+                f"{layers.describe('models.aliases')}"
+            )
     if not s.backends:
         read = layers.file_label or "no config file"
         hint = ""
