@@ -164,8 +164,10 @@ class Proxy:
             assert cache is not None
             ex.cache = "MISS"
             if not no_cache:
-                hit = cache.get(key)
-                if hit is None and self.shared is not None and key not in self.inflight:
+                # a stream keyed only to coalesce (cache.streaming off) is never stored: no lookup, no miss
+                stored = not facts.stream or self.cache_streams
+                hit = cache.get(key) if stored else None
+                if hit is None and stored and self.shared is not None and key not in self.inflight:
                     hit = await self.shared.get(key, facts.stream)  # the Redis tier; fills L1
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
