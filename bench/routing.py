@@ -462,6 +462,7 @@ class Run:
     prefill_chars: int = 0
     requests_per_backend: list[int] = field(default_factory=list)
     spread: float = 0.0
+    spread_live: float = 0.0  # `dies`: over the backends that stayed up
     peak_in_flight: list[int] = field(default_factory=list)
     duration_s: float = 0.0
     loadavg_1m: list[float] = field(default_factory=list)
@@ -550,6 +551,9 @@ def _summarise(run: Run, results: list[Result], stats: list[dict[str, Any]]) -> 
     mean = statistics.fmean(run.requests_per_backend) if run.requests_per_backend else 0.0
     run.spread = round(max(run.requests_per_backend) / mean, 3) if mean else 0.0
     run.peak_in_flight = [int(s.get("peak_in_flight", 0)) for s in stats]
+    if run.killed:  # the spread that matters is over the backends still up
+        live = run.requests_per_backend[:-1]
+        run.spread_live = round(max(live) / statistics.fmean(live), 3) if sum(live) else 0.0
 
 
 # --- the report
@@ -582,10 +586,11 @@ def markdown(runs: list[Run]) -> str:
         if r.skipped:
             lines.append(f"| {r.scenario} | {r.contestant} | NOT AVAILABLE: {r.skipped} |||||||||")
             continue
+        spread = f"{r.spread:.2f}" + (f" ({r.spread_live:.2f} over the 3 up)" if r.killed else "")
         lines.append(
             f"| {r.scenario} | {r.contestant} | {r.ttft_mean_ms:.0f} | {r.ttft_p90_ms:.0f} | "
             f"{r.later_ttft_mean_ms:.0f} / {r.later_ttft_p90_ms:.0f} | {r.hit_rate:.1%} | "
-            f"{r.prefill_chars:,} | {' '.join(map(str, r.requests_per_backend))} | {r.spread:.2f} | "
+            f"{r.prefill_chars:,} | {' '.join(map(str, r.requests_per_backend))} | {spread} | "
             f"{' '.join(map(str, r.peak_in_flight))} | {r.errors} |"
         )
     return "\n".join(lines)
