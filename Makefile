@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUST_SRC := $(shell find rust benches -name '*.rs' 2>/dev/null) Cargo.toml
 PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build browser-deps test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
+.PHONY: all venv build browser-deps redis-deps test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
 
 all: build
 
@@ -54,7 +54,13 @@ browser-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	fi
 
-test-python: build browser-deps
+# Debian's redis-server for the shared cache tier's tests (tests/test_redis_tier.py start their own).
+redis-deps:
+	@if ! command -v redis-server >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; \
+	fi
+
+test-python: build browser-deps redis-deps
 	@echo "==> Python tests (a few minutes: real gateway and mock processes)"
 	$(PY) -m pytest -q
 

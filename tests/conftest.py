@@ -25,6 +25,10 @@ REPO = Path(__file__).resolve().parent.parent
 # One client for the fixtures' polls and helpers: a new httpx client builds an SSL context each time,
 # which costs a few hundred milliseconds on a loaded machine.
 HTTP = httpx.Client(timeout=10.0)
+# A loaded 2-core machine (the CI box, shared with builds) can stall a process for a second or more.
+# Bounds that check an order of magnitude (a timeout fired, a cancel reached the backend, a health
+# check noticed) add this; each stays well below what the bound tells apart (the slow path it rules out).
+LOAD_SLACK = 1.5
 
 
 def free_port() -> int:
@@ -139,8 +143,18 @@ class Processes:
     def gateway_for(
         self, backends: list[dict[str, Any]], config: dict[str, Any] | None = None, **kwargs: Any
     ) -> Proc:
-        """A gateway whose config file lists `backends` (dicts as in the file) over `config`."""
-        return self.gateway(config={**(config or {}), "backends": backends}, **kwargs)
+        """A gateway whose config file lists `backends` (dicts as in the file) over `config`.
+
+        Its probes may take 3 s (`config` may say otherwise): on a loaded machine a probe that times out
+        makes a discovered backend eligible for any model until the next one, which rebuilds the pools.
+        """
+        document: dict[str, Any] = {"health_check": {"timeout_seconds": 3}}
+        for section, values in (config or {}).items():
+            if isinstance(values, dict) and isinstance(document.get(section), dict):
+                document[section] = {**document[section], **values}
+            else:
+                document[section] = values
+        return self.gateway(config={**document, "backends": backends}, **kwargs)
 
     def gateway(
         self,

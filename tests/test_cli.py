@@ -102,6 +102,7 @@ def test_config_reflects_file_env_and_cli(tmp_path: Path) -> None:
         "threads": 3,
         "bind_address": "0.0.0.0",
         "shutdown_grace_seconds": 30.0,
+        "workers": 1,
         "cors_origins": [],
     }
     assert data["backends"] == [{"host": "b", "port": 2, "weight": 3}]

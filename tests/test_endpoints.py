@@ -9,10 +9,14 @@ request, to show which routes are retried once a request was sent.
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
+import ipaddress
 import itertools
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -23,6 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tests.conftest import (
     HTTP,
@@ -70,7 +78,7 @@ def sse_data(text: str) -> list[str]:
 
 
 class Cluster:
-    """`llama` on mock a, `coder` and `embed` on mock b (discovered), alias `mini` -> llama."""
+    """`llama` on mock a, `coder` and `embed` on mock b (configured), alias `mini` -> llama."""
 
     def __init__(self, procs: Processes) -> None:
         self.a = procs.mock_serving("llama", name="a", wait=False)
@@ -79,7 +87,8 @@ class Cluster:
         for mock in self.mocks:
             procs.wait_healthy(mock)
         self.gateway = procs.gateway_for(
-            [backend_entry(self.a), backend_entry(self.b)],
+            # configured, not discovered: a probe timing out on a loaded machine cannot re-route anything
+            [backend_entry(self.a, models=["llama"]), backend_entry(self.b, models=["coder", "embed"])],
             {"models": {"aliases": {"mini": "llama"}}, "proxy": {"max_body_size_mb": MAX_BODY / 2**20}},
         )
         wait_models(self.gateway, {"llama", "coder", "embed", "mini"})
@@ -363,8 +372,12 @@ def test_responses_and_unknown_routes_are_not_retried_once_sent(procs: Processes
     resetter = Resetter(["llama"])
     try:
         mock = procs.mock_serving("llama", name="steady")
+        # models configured: no discovery, so no pool rebuilt (and round robin restarted) mid-test
         gw = procs.gateway_for(
-            [{"url": f"http://127.0.0.1:{resetter.port}"}, backend_entry(mock)],
+            [
+                {"url": f"http://127.0.0.1:{resetter.port}", "models": ["llama"]},
+                backend_entry(mock, models=["llama"]),
+            ],
             {"circuit_breaker": {"failure_threshold": 1000}, "cache": {"enabled": False}},
         )
         for path, body in (
@@ -451,8 +464,9 @@ def test_cli_and_environment_take_host_port_weight_and_urls(procs: Processes) ->
     for mock in (a, b):
         procs.wait_healthy(mock)
     specs = [f"127.0.0.1:{a.port}:3", f"{b.url}/v"]
-    from_cli = procs.gateway(backends=specs, wait=False)
-    from_env = procs.gateway(env={"NTONIX_BACKENDS": ",".join(specs)}, wait=False)
+    steady = {"health_check": {"timeout_seconds": 3}}
+    from_cli = procs.gateway(backends=specs, config=steady, wait=False)
+    from_env = procs.gateway(env={"NTONIX_BACKENDS": ",".join(specs)}, config=steady, wait=False)
     for gw in (from_cli, from_env):
         procs.wait_healthy(gw)
         assert _backends(gw) == [(a.url, 3), (b.url + "/v", 1)]
@@ -462,38 +476,47 @@ def test_cli_and_environment_take_host_port_weight_and_urls(procs: Processes) ->
     assert len(mock_requests(a, CHAT)) == 2 and len(mock_requests(b, "/v/v1/chat/completions")) == 2
 
 
-@pytest.mark.parametrize(
-    ("args", "env", "named"),
-    [
-        (["--backend", "ftp://127.0.0.1:1"], {}, "ftp://127.0.0.1:1"),
-        (["--backend", "http://"], {}, "http://"),
-        (["--backend", "http://127.0.0.1:99999"], {}, "99999"),
-        (["--backend", "http://127.0.0.1:0"], {}, "http://127.0.0.1:0"),
-        (["--backend", "https://h/p?x=1"], {}, "https://h/p?x=1"),
-        ([], {"NTONIX_BACKENDS": "127.0.0.1:1,http//nope"}, "http//nope"),
-        (["--config", "{config}"], {}, "backends[0].url"),
-    ],
-)
-def test_bad_backend_url_is_one_line_and_exit_2(
-    tmp_path: Path, args: list[str], env: dict[str, str], named: str
-) -> None:
+BAD_BACKENDS: list[tuple[list[str], dict[str, str], str]] = [
+    (["--backend", "ftp://127.0.0.1:1"], {}, "ftp://127.0.0.1:1"),
+    (["--backend", "http://"], {}, "http://"),
+    (["--backend", "http://127.0.0.1:99999"], {}, "99999"),
+    (["--backend", "http://127.0.0.1:0"], {}, "http://127.0.0.1:0"),
+    (["--backend", "https://h/p?x=1"], {}, "https://h/p?x=1"),
+    ([], {"NTONIX_BACKENDS": "127.0.0.1:1,http//nope"}, "http//nope"),
+    (["--config", "{config}"], {}, "backends[0].url"),
+]
+
+
+def test_bad_backend_url_is_one_line_and_exit_2(tmp_path: Path) -> None:
     config = tmp_path / "bad.json"
     config.write_text(json.dumps({"backends": [{"url": "http//127.0.0.1:8000"}]}))
-    args = [arg.replace("{config}", str(config)) for arg in args]
     clean = {k: v for k, v in os.environ.items() if not k.startswith("NTONIX_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "ntonix", "run", "--port", str(free_port()), *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**clean, **env},
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("ntonix: ") and named in lines[0]
-    assert "Traceback" not in result.stderr
+    runs = []
+    for args, env, named in BAD_BACKENDS:  # all at once: each is a Python start-up
+        argv = [arg.replace("{config}", str(config)) for arg in args]
+        command = [sys.executable, "-m", "ntonix", "run", "--port", str(free_port()), *argv]
+        popen = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**clean, **env},
+            cwd=tmp_path,
+        )
+        runs.append((popen, named))
+    try:
+        for popen, named in runs:
+            _, stderr = popen.communicate(timeout=60)
+            assert popen.returncode == 2, (named, stderr)
+            lines = stderr.strip().splitlines()
+            assert len(lines) == 1, stderr
+            assert lines[0].startswith("ntonix: ") and named in lines[0], stderr
+            assert "Traceback" not in stderr
+    finally:
+        for popen, _ in runs:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
 
 
 def test_a_backend_down_at_start_is_probed_and_discovered_when_it_comes_back(procs: Processes) -> None:
@@ -513,3 +536,132 @@ def test_a_backend_down_at_start_is_probed_and_discovered_when_it_comes_back(pro
     probes = {r["path"] for r in mock_requests(late) if r["method"] == "GET"}
     assert "/v1/models" in probes
     assert "has no /health (404): probing /v1/models instead" in gw.log()
+
+
+# -- https:// backends -----------------------------------------------------------------------------
+
+
+def make_ca_and_leaf(directory: Path) -> tuple[Path, Path, Path]:
+    """A test CA and a server certificate it signed for 127.0.0.1: (ca.pem, leaf.pem, leaf.key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ntonix test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "leaf.pem", directory / "leaf.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return paths
+
+
+class TlsFront:
+    """Terminates TLS on a free port and relays the bytes to a plain-HTTP backend (the mock)."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        self.target_port = target_port
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(cert, key)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.handshakes = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(raw,), daemon=True).start()
+
+    def _relay(self, raw: socket.socket) -> None:
+        try:
+            secure = self.context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        self.handshakes += 1
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+
+        back = threading.Thread(target=pump, args=(upstream, secure), daemon=True)
+        back.start()
+        pump(secure, upstream)
+        back.join(timeout=30)
+        secure.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_https_backend_with_a_ca_from_ssl_cert_file(procs: Processes, tmp_path: Path) -> None:
+    ca, cert, key = make_ca_and_leaf(tmp_path)
+    mock = procs.mock_serving("secure", name="secure")
+    front = TlsFront(mock.port, cert, key)
+    try:
+        url = f"https://127.0.0.1:{front.port}"
+        trusted = procs.gateway_for([{"url": url + "/"}], env={"SSL_CERT_FILE": str(ca)}, wait=False)
+        untrusted = procs.gateway_for([{"url": url}], wait=False)
+        for gw in (trusted, untrusted):
+            procs.wait_healthy(gw)
+        wait_models(trusted, {"secure"})  # discovered over TLS
+        assert post(trusted, CHAT, chat("secure")).status_code == 200
+        streamed = post(trusted, COMPLETIONS, {"model": "secure", "prompt": "tls", "stream": True})
+        assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
+        posts = [(r["path"], r["headers"]["host"]) for r in mock_requests(mock) if r["method"] == "POST"]
+        assert [path for path, _ in posts] == [CHAT, COMPLETIONS]
+        assert front.handshakes >= 1
+        # a gateway that does not trust the CA never sends a request there
+        wait_for(
+            lambda: not HTTP.get(untrusted.url + "/metrics").json()["backends"][0]["healthy"], what="down"
+        )
+        refused = post(untrusted, CHAT, chat("secure"))
+        assert refused.status_code in (502, 503), refused.text
+        assert len([r for r in mock_requests(mock) if r["method"] == "POST"]) == 2
+        assert "certificate" in untrusted.log().lower()
+    finally:
+        front.close()

@@ -379,7 +379,7 @@ def test_fault_11_stale_success_keeps_the_circuit_open_and_only_the_probe_frees_
         config={
             "cache": {"enabled": False},
             "health_check": QUIET_CHECKS,
-            "circuit_breaker": {"failure_threshold": threshold, "open_seconds": 1.0},
+            "circuit_breaker": {"failure_threshold": threshold, "open_seconds": 2.0},
         },
     )
 
@@ -419,7 +419,7 @@ def test_fault_11_stale_success_keeps_the_circuit_open_and_only_the_probe_frees_
         try:
             in_flight(1)
             open_circuit()
-            probing = pool.submit(probe, 4000)
+            probing = pool.submit(probe, 6000)
             in_flight(2)
             assert backend_state(gw, mock.port)["circuit_state"] == "half_open"
         finally:
@@ -532,7 +532,7 @@ def test_fault_16_one_request_id_and_coalesced_followers_keep_their_own(procs: P
 
     body = chat_body("echo, together")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        lead = pool.submit(post, gw, body, {**echo, "x-mock-latency-ms": "1500", "x-request-id": "lead-id"})
+        lead = pool.submit(post, gw, body, {**echo, "x-mock-latency-ms": "3000", "x-request-id": "lead-id"})
         wait_for(lambda: mock_stats(mock)["in_flight"] == 1, what="the leader at the mock")
         follower = post(gw, body, {"x-request-id": "follower-id"})
         assert lead.result(timeout=30).headers.get_list("x-request-id") == ["lead-id"]
@@ -691,8 +691,8 @@ def test_fault_23_probe_timeout_while_the_backend_streams_does_not_mark_it_down(
             "cache": {"enabled": False},
             "health_check": {
                 "path": "/v1/models",
-                "interval_seconds": 0.2,
-                "timeout_seconds": 0.3,
+                "interval_seconds": 0.5,
+                "timeout_seconds": 0.5,
                 "unhealthy_threshold": 2,
             },
         },

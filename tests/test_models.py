@@ -12,6 +12,8 @@ import itertools
 import json
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,9 +75,9 @@ def set_models_status(mock: Proc, status: int) -> None:
 class Cluster:
     """Mocks shared by the module, and one gateway over the first three.
 
-    a1 and a2 serve `llama` (discovered), b serves `coder` and `embed` (configured), with an alias
-    `gpt-4o-mini` -> llama. z (`zed`), w (`wid`) and `anything` (lists mock-model, answers any name) are
-    for gateways of single tests. Tests that need their own gateway start only that.
+    a1 and a2 serve `llama`, b serves `coder` and `embed` (all configured; discovery has tests of its
+    own), alias `gpt-4o-mini` -> llama. z (`zed`), w (`wid`) and `anything` (lists mock-model, answers
+    any name) are for gateways of single tests. Tests that need their own gateway start only that.
     """
 
     def __init__(self, procs: Processes) -> None:
@@ -86,13 +88,15 @@ class Cluster:
         self.z = procs.mock_serving("zed", name="z", wait=False)
         self.w = procs.mock_serving("wid", name="w", wait=False)
         self.anything = procs.mock(name="anything", wait=False)
-        self.mocks = (self.a1, self.a2, self.b, self.z, self.w, self.anything)
+        self.anything2 = procs.mock(name="anything2", wait=False)
+        self.mocks = (self.a1, self.a2, self.b, self.z, self.w, self.anything, self.anything2)
         for mock in self.mocks:
             procs.wait_healthy(mock)
         self.gateway = procs.gateway_for(
             [
-                backend_entry(self.a1),
-                backend_entry(self.a2),
+                # all configured: no discovery, so no pool rebuilt mid-test (exact round robin counts)
+                backend_entry(self.a1, models=["llama"]),
+                backend_entry(self.a2, models=["llama"]),
                 backend_entry(self.b, models=["coder", "embed"]),
             ],
             {"models": {"aliases": {"gpt-4o-mini": "llama"}}},
@@ -217,6 +221,38 @@ def test_model_whose_backends_are_all_down_is_503_with_retry_after(fresh: Cluste
     assert served(fresh.b) == 1
 
 
+def test_each_model_has_its_own_balancing_state(fresh: Cluster) -> None:
+    one, two = fresh.anything, fresh.anything2  # both answer any model name
+    gw = fresh.procs.gateway_for(
+        [backend_entry(one, models=["x", "y"]), backend_entry(two, models=["x", "y"])]
+    )
+    names: dict[str, list[str]] = {"x": [], "y": []}
+    for model in ("x", "y", "x", "y"):
+        response = post(gw, CHAT, chat(model))
+        assert response.status_code == 200, response.text
+        names[model].append(response.json()["system_fingerprint"])
+    # one round robin per model: each model alternates over both backends on its own
+    assert names == {"x": ["anything", "anything2"], "y": ["anything", "anything2"]}
+
+
+def test_a_backend_serving_several_models_is_one_breaker_and_one_health_state(fresh: Cluster) -> None:
+    b = fresh.b
+    gw = fresh.procs.gateway_for(
+        [backend_entry(b, models=["coder", "embed"])],
+        {"circuit_breaker": {"failure_threshold": 2, "open_seconds": 60}, "cache": {"enabled": False}},
+    )
+    [entry] = metrics(gw)["backends"]
+    assert entry["models"] == ["coder", "embed"]
+    for _ in range(2):
+        assert post(gw, CHAT, chat("coder"), {"x-mock-status": "500"}).status_code == 500
+    # failures on one model opened the circuit of the backend, so the other model has none left
+    response = post(gw, EMBEDDINGS, {"model": "embed", "input": "after the breaker opened"})
+    assert response.status_code == 503, response.text
+    assert "'embed'" in response.json()["error"]["message"]
+    assert served(b, EMBEDDINGS) == 0
+    assert metrics(gw)["backends"][0]["circuit_state"] == "open"
+
+
 # -- configured models and discovery ---------------------------------------------------------------
 
 
@@ -290,6 +326,24 @@ def test_sighup_reapplies_backends_models_and_aliases(fresh: Cluster) -> None:
     assert served(a1) == 1 and served(b) == 0
 
 
+def test_an_alias_of_an_alias_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "chain.json"
+    document = {
+        "backends": [{"host": "127.0.0.1", "port": 9}],
+        "models": {"aliases": {"a": "b", "b": "llama"}},
+    }
+    config.write_text(json.dumps(document))
+    result = subprocess.run(
+        [sys.executable, "-m", "ntonix", "config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert "models.aliases" in line and "'b' is itself an alias" in line
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 
 
@@ -331,6 +385,18 @@ def test_metrics_per_model_with_tokens_from_usage(fresh: Cluster) -> None:
     assert "coder" not in models  # no traffic, no entry
     backends = {b["url"]: b["models"] for b in metrics(gw)["backends"]}
     assert backends == {fresh.a1.url: ["llama"], fresh.b.url: ["coder", "embed"]}
+
+
+def test_tokens_are_counted_from_gzip_compressed_answers(fresh: Cluster) -> None:
+    # not cacheable (cache off; /v1/responses never): the client's Accept-Encoding reaches the backend
+    gw = fresh.procs.gateway_for([backend_entry(fresh.a1, models=["llama"])], {"cache": {"enabled": False}})
+    gzip_headers = {"accept-encoding": "gzip", "x-mock-gzip": "1"}
+    whole = post(gw, CHAT, chat("llama", "two words"), gzip_headers)
+    assert whole.headers["content-encoding"] == "gzip" and whole.json()["usage"]["prompt_tokens"] == 2
+    answer = post(gw, "/v1/responses", {"model": "llama", "input": "three more words"}, gzip_headers)
+    assert answer.headers["content-encoding"] == "gzip" and answer.json()["usage"]["input_tokens"] == 3
+    llama = metrics(gw)["models"]["llama"]
+    assert (llama["prompt_tokens"], llama["completion_tokens"]) == (2 + 3, 16 + 16)
 
 
 def _samples(text: str, family: str) -> dict[tuple[str, str], float]:

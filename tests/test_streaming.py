@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Processes, chat_body, wait_for
+from tests.conftest import LOAD_SLACK, Processes, chat_body, wait_for
 
 CHAT = "/v1/chat/completions"
 FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do")
@@ -121,8 +121,11 @@ def test_stream_arrives_whole_in_order_and_ends_with_done(gateway: Any, mock: An
 
 
 def test_stream_is_forwarded_as_produced_not_buffered(gateway: Any) -> None:
-    """At 10 tokens/s each event must reach the client ~100 ms after the previous, not all at the end."""
-    tokens, rate = 12, 10.0
+    """At 4 tokens/s each event must reach the client ~250 ms after the previous, not all at the end.
+
+    4 tokens/s (not faster) so a loaded machine's scheduling jitter (~100 ms) fits inside one gap.
+    """
+    tokens, rate = 12, 4.0
     arrivals: list[float] = []
     buffer = b""
     with httpx.Client(timeout=10.0) as client:
@@ -150,9 +153,9 @@ def test_stream_is_forwarded_as_produced_not_buffered(gateway: Any) -> None:
     gaps = [b - a for a, b in itertools.pairwise(token_arrivals)]
     stream_span = (tokens - 1) / rate
     assert token_arrivals[-1] - token_arrivals[0] >= 0.8 * stream_span, arrivals
-    assert statistics.median(gaps) == pytest.approx(1 / rate, abs=0.04), gaps
-    assert min(gaps) > 0.03, gaps  # no two tokens glued together by a buffer
-    assert max(gaps) < 0.5, gaps
+    assert statistics.median(gaps) == pytest.approx(1 / rate, abs=0.1), gaps
+    assert min(gaps) > 0.05, gaps  # no two tokens glued together by a buffer
+    assert max(gaps) < 1.0, gaps
     # token i reaches the client before token i+1 is even produced (at >= (i+1)/rate after the request)
     for index, arrived in enumerate(token_arrivals[:-1]):
         assert arrived < (index + 1) / rate, (index, arrivals)
@@ -160,7 +163,7 @@ def test_stream_is_forwarded_as_produced_not_buffered(gateway: Any) -> None:
 
 
 def test_client_disconnect_cancels_the_backend_stream(gateway: Any, mock: Any) -> None:
-    """A client leaving mid-stream makes the gateway drop the upstream request within 1 s."""
+    """A client leaving mid-stream makes the gateway drop the upstream request within 1 s (plus slack)."""
     with (
         httpx.Client(timeout=10.0) as client,
         client.stream(
@@ -184,13 +187,15 @@ def test_client_disconnect_cancels_the_backend_stream(gateway: Any, mock: Any) -
 
     stats = wait_for(
         lambda: (s := mock_stats(mock))["streams_cancelled"] == 1 and s,
-        timeout=1.0,
+        timeout=1.0 + LOAD_SLACK,
         interval=0.01,
         what="the mock to see the stream cancelled",
     )
-    assert time.monotonic() - left_at < 1.0
+    assert time.monotonic() - left_at < 1.0 + LOAD_SLACK  # else the 50 s stream runs on
     assert stats["streams_completed"] == 0
-    wait_for(lambda: mock_stats(mock)["in_flight"] == 0, timeout=1.0, what="mock in_flight back to 0")
+    wait_for(
+        lambda: mock_stats(mock)["in_flight"] == 0, timeout=1.0 + LOAD_SLACK, what="mock in_flight back to 0"
+    )
     metrics = wait_for(
         lambda: (m := gateway_metrics(gateway))["client_disconnects"] == 1 and m,
         what="the gateway to count the disconnect",
@@ -213,11 +218,11 @@ def test_client_leaving_before_first_byte_cancels_the_backend_request(gateway: A
     left_at = time.monotonic()
     wait_for(
         lambda: mock_stats(mock)["requests_cancelled"] == 1,
-        timeout=1.0,
+        timeout=1.0 + LOAD_SLACK,
         interval=0.01,
         what="the mock to see the hanging request cancelled",
     )
-    assert time.monotonic() - left_at < 1.0
+    assert time.monotonic() - left_at < 1.0 + LOAD_SLACK  # else it hangs until the 10 s timeout
     assert mock_stats(mock)["in_flight"] == 0
     wait_for(
         lambda: gateway_metrics(gateway)["client_disconnects"] == 1, what="gateway counts the disconnect"

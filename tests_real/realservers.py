@@ -103,12 +103,12 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def llama_server(self, alias: str, *extra: str, timeout: float = 120.0) -> Proc:
+    def llama_server(self, alias: str, *extra: str, interrupt: bool = False, timeout: float = 120.0) -> Proc:
         """A llama_cpp.server on a free port serving MODEL as `alias`; ready when /v1/models answers.
 
-        It has no /health, so readiness is its model list. `--interrupt_requests false` so that a
-        second request waits for the first instead of cutting its stream short: the mid-stream
-        disconnect check relies on that.
+        It has no /health, so readiness is its model list. `interrupt=False` passes
+        `--interrupt_requests false` so that a second request waits for the first instead of
+        cutting its stream short (the server's default, True, does that).
         """
         for path, what in ((REAL_PYTHON, "real-server interpreter"), (MODEL, "model")):
             if not path.exists():
@@ -119,7 +119,7 @@ class Cluster:
             "--model", str(MODEL), "--model_alias", alias,
             "--host", "127.0.0.1", "--port", str(port),
             "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1",
-            "--interrupt_requests", "false", "--cache", "false",
+            "--interrupt_requests", "true" if interrupt else "false", "--cache", "false",
             *extra,
         ]  # fmt: skip
         proc = self._spawn(f"llama-{alias}", argv, port)
@@ -137,7 +137,7 @@ class Cluster:
         port = free_port()
         document: dict[str, Any] = {
             "server": {"threads": 2},
-            "logging": {"level": "info", "enable_colors": False},
+            "logging": {"level": os.environ.get("NTONIX_REAL_GATEWAY_LOG", "info"), "enable_colors": False},
             "health_check": {"interval_seconds": 1, "timeout_seconds": 2},
             "backends": [{"url": url} for url in backends],
         }

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -296,3 +298,95 @@ def test_client_leaving_mid_stream_stops_generation(gw: Real) -> None:
         f"next request served in {waited:.2f}s; the whole run would take {full_run:.0f}s"
     )
     assert noticed + waited < full_run / 3, (noticed, waited, full_run)
+
+
+# ---- the gateway's own probes and a single-slot server ----
+
+
+def stream_completion(url: str, model: str, max_tokens: int) -> tuple[int, str | None, float]:
+    """Stream a completion; return (chunks, the last finish_reason, the longest pause between two
+    chunks in seconds). A whole run has one chunk per token plus a last one with finish_reason."""
+    body = {"model": model, "prompt": "a long answer", "max_tokens": max_tokens, "stream": True, **no_eos()}
+    chunks, finish, gap = 0, None, 0.0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as answer:
+        assert answer.status_code == 200
+        last = time.monotonic()
+        for data in sse_events(answer.iter_lines()):
+            now = time.monotonic()
+            gap, last = max(gap, now - last), now
+            if data != "[DONE]":
+                chunks += 1
+                finish = json.loads(data)["choices"][0]["finish_reason"]
+    return chunks, finish, gap
+
+
+def test_server_fact_waiting_request_stalls_a_stream(real: Real) -> None:
+    """Direct, no gateway: a GET /v1/models sent while the server streams waits for the model lock,
+    and the stream's chunks stop arriving until the generation ends (interrupt_requests off)."""
+    server = real.b
+    max_tokens = int(generation_rate(server) * 5)
+
+    def probe() -> None:
+        time.sleep(0.5)
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.get(server.url + "/v1/models", timeout=1.0)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        chunks, finish, gap = stream_completion(server.url, MODEL_B, max_tokens)
+    finally:
+        prober.join()
+    assert finish == "length" and chunks > max_tokens
+    assert gap > 2.0, f"no stall ({gap:.2f}s): the server changed; update docs/real-servers.md"
+
+
+def test_long_generation_keeps_backend_healthy_and_streaming(gw: Real) -> None:
+    """The server's GET /v1/models waits for its one model lock, and while such a request waits,
+    a running stream's chunks are held back (found here: 47 s of silence, then the rest in one
+    burst). So the gateway must neither probe a backend that is busy streaming, nor mark it down
+    because a probe timed out."""
+    rate = generation_rate(gw.a)
+    max_tokens = int(rate * 12)  # longer than 3 health intervals plus the probe timeout
+    states: list[bool] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            backends = httpx.get(gw.gateway.url + "/metrics", timeout=5).json()["backends"]
+            states.extend(b["healthy"] for b in backends if b.get("url", "").rstrip("/") == gw.a.url)
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        chunks, finish, gap = stream_completion(gw.gateway.url, MODEL_A, max_tokens)
+    finally:
+        done.set()
+        watcher.join()
+    assert finish == "length" and chunks > max_tokens, (chunks, finish)
+    health_lines = [line for line in gw.gateway.log().splitlines() if "ntonix.health" in line]
+    shown = "".join("+" if x else "-" for x in states)
+    assert states and all(states), (shown, health_lines[-4:])
+    assert gap < 5.0, f"the stream stalled for {gap:.1f}s ({chunks} chunks at {rate:.0f} tokens/s)"
+
+
+@pytest.fixture(scope="module")
+def default_server(real: Real) -> Iterator[tuple[Proc, Proc]]:
+    """A server at llama-cpp-python's defaults (interrupt_requests on) behind its own gateway."""
+    server = real.cluster.llama_server("tiny-c", interrupt=True)
+    gateway = real.cluster.gateway([server.url], {"health_check": {"interval_seconds": 0.5}})
+    yield server, gateway
+    gateway.kill()
+    server.kill()
+
+
+def test_gateway_probes_do_not_cut_streams_on_a_default_server(default_server: tuple[Proc, Proc]) -> None:
+    """With interrupt_requests on (its default) the server ends a running stream early, with
+    [DONE] and no finish_reason, whenever another request waits for its model lock, and
+    GET /v1/models is such a request. The gateway's health and model probes must not be it."""
+    server, gateway = default_server
+    rate = generation_rate(server)
+    max_tokens = int(rate * 4)  # several probe intervals long
+    chunks, finish, _ = stream_completion(gateway.url, "tiny-c", max_tokens)
+    assert finish == "length" and chunks > max_tokens, f"stream cut after {chunks} of {max_tokens} tokens"

@@ -11,6 +11,7 @@ quick and work without it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -36,7 +37,8 @@ __all__ = ["main"]
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 _EPILOG = (
-    "Environment: NTONIX_CONFIG, NTONIX_PORT, NTONIX_SSL_PORT, NTONIX_THREADS, NTONIX_BIND_ADDRESS, "
+    "Environment: NTONIX_CONFIG, NTONIX_PORT, NTONIX_SSL_PORT, NTONIX_THREADS, NTONIX_WORKERS, "
+    "NTONIX_BIND_ADDRESS, "
     "NTONIX_BACKENDS (HOST:PORT[:WEIGHT],...), NTONIX_LOG_LEVEL. "
     "Precedence: command line > environment > config file > defaults."
 )
@@ -57,6 +59,12 @@ _OPTIONS = (
     ),
     click.option(
         "--threads", type=int, metavar="N", help="I/O threads, server.threads [default: number of CPUs]."
+    ),
+    click.option(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="Gateway processes sharing the ports, server.workers [default: 1].",
     ),
     click.option(
         "--bind",
@@ -126,7 +134,8 @@ def run(config_path: str | None, **options: Any) -> None:
         setup_logging(settings.logging)
         from ntonix.server import serve
 
-        serve(settings, reload=lambda: load_settings(config_path, os.environ, overrides))
+        # A partial, not a lambda: workers (server.workers > 1) get it pickled; env None is os.environ.
+        serve(settings, reload=functools.partial(load_settings, config_path, None, overrides))
     except ConfigError as error:
         _fail(error)
 

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple, TypeAlias, cast
@@ -75,12 +76,14 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     port: int = 8080
     # HTTPS listening port, used only when ssl.enabled.
     ssl_port: int = 8443
-    # Runtime I/O threads of the single worker process (defaults to the CPU count).
+    # Runtime I/O threads of each gateway process (defaults to the CPU count).
     threads: int = msgspec.field(default_factory=_cpu_count)
     # Address both listeners bind to.
     bind_address: str = "0.0.0.0"
     # On SIGTERM/SIGINT, how long requests in flight may take to finish.
     shutdown_grace_seconds: float = 30.0
+    # Gateway processes sharing the ports (SO_REUSEPORT); each has its own L1 cache and counters.
+    workers: int = 1
     # Browser origins allowed to call the gateway (CORS), e.g. "https://app.example"; "*" for any.
     cors_origins: tuple[str, ...] = ()
 
@@ -129,6 +132,20 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     streaming: bool = False
     # Whether identical streaming requests join one live generation (X-Cache: COALESCED).
     coalesce_streams: bool = True
+    # Shared second tier: redis://, rediss:// or unix:// URL of a Redis or Valkey; empty means none.
+    redis_url: str = ""
+    # Bound on the one Redis read an L1 miss makes; slower is a miss.
+    redis_timeout_ms: float = 25.0
+    # Answers larger than this are kept in L1 only.
+    redis_max_entry_mb: float = 4.0
+    # Writes waiting for Redis; when full, further writes are dropped (and counted).
+    redis_write_queue: int = 1024
+    # Consecutive Redis failures that open its circuit (the tier is skipped until Redis answers).
+    redis_failure_threshold: int = 3
+    # While the circuit is open, time between two reconnect attempts (also the heartbeat period).
+    redis_retry_seconds: float = 1.0
+    # Connections to Redis per gateway process.
+    redis_max_connections: int = 32
     # "global": one namespace for every client; "key": each gateway API key its own (hits never cross).
     scope: CacheScope = "global"
 
@@ -194,6 +211,8 @@ class ProxyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     retries: int = 2
     # Largest accepted request body.
     max_body_size_mb: float = 32.0
+    # Extra CA bundle (PEM) trusted for https:// backends, besides the system roots; empty = none.
+    ca_file: str = ""
 
 
 class ApiKeyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -344,6 +363,7 @@ _CLI_KEYS: dict[str, tuple[str, str]] = {
     "port": ("server.port", "--port"),
     "ssl_port": ("server.ssl_port", "--ssl-port"),
     "threads": ("server.threads", "--threads"),
+    "workers": ("server.workers", "--workers"),
     "bind_address": ("server.bind_address", "--bind"),
     "backends": ("backends", "--backend"),
     "log_level": ("logging.level", "--log-level"),
@@ -372,6 +392,7 @@ _ENV_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "NTONIX_PORT": ("server.port", _env_int),
     "NTONIX_SSL_PORT": ("server.ssl_port", _env_int),
     "NTONIX_THREADS": ("server.threads", _env_int),
+    "NTONIX_WORKERS": ("server.workers", _env_int),
     "NTONIX_BIND_ADDRESS": ("server.bind_address", str.strip),
     "NTONIX_BACKENDS": ("backends", _env_backends),
     "NTONIX_LOG_LEVEL": ("logging.level", _env_level),
@@ -611,8 +632,19 @@ _RULES: dict[str, _Rule] = {
     "server.threads": _ONE_OR_MORE,
     "server.bind_address": _NOT_BLANK,
     "server.shutdown_grace_seconds": _NOT_NEGATIVE,
+    "server.workers": _Rule(lambda v: 1 <= v <= 256, "an integer in 1..256"),
     "cache.max_size_mb": _NOT_NEGATIVE_INT,
     "cache.ttl_seconds": _POSITIVE,
+    "cache.redis_url": _Rule(
+        lambda v: not v or ("://" in v and v.split("://", 1)[0] in ("redis", "rediss", "unix")),
+        "empty or a redis://, rediss:// or unix:// URL",
+    ),
+    "cache.redis_timeout_ms": _POSITIVE,
+    "cache.redis_max_entry_mb": _POSITIVE,
+    "cache.redis_write_queue": _ONE_OR_MORE,
+    "cache.redis_failure_threshold": _ONE_OR_MORE,
+    "cache.redis_retry_seconds": _POSITIVE,
+    "cache.redis_max_connections": _ONE_OR_MORE,
     "logging.max_file_size_mb": _POSITIVE,
     "logging.max_files": _ONE_OR_MORE,
     "health_check.path": _Rule(lambda v: v.startswith("/"), "a path starting with /"),
@@ -658,6 +690,12 @@ def _validate(s: Settings, layers: _Layers) -> None:
                 f"invalid configuration: models.aliases: {alias!r} -> {target!r}: "
                 f"expected two different non-empty model ids{layers.describe('models.aliases')}"
             )
+        if target in s.models.aliases:  # one hop only: the request would go to backends serving "target"
+            raise ConfigError(
+                f"invalid configuration: models.aliases: {alias!r} -> {target!r}: {target!r} is itself an "
+                f"alias (chains are not followed; point {alias!r} at a model id)"
+                f"{layers.describe('models.aliases')}"
+            )
     if not s.backends:
         read = layers.file_label or "no config file"
         hint = ""
@@ -670,6 +708,19 @@ def _validate(s: Settings, layers: _Layers) -> None:
         )
     if s.ssl.enabled:
         _validate_ssl(s, layers)
+    if s.proxy.ca_file:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=s.proxy.ca_file)
+        except ssl.SSLError as exc:  # before OSError, its base class
+            raise ConfigError(
+                f"invalid configuration: proxy.ca_file: {s.proxy.ca_file!r} holds no PEM certificate "
+                f"({exc.reason}){layers.describe('proxy.ca_file')}"
+            ) from None
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration: proxy.ca_file: cannot read {s.proxy.ca_file!r}: "
+                f"{exc.strerror or exc}{layers.describe('proxy.ca_file')}"
+            ) from None
     _validate_auth(s, layers)
     for origin in s.server.cors_origins:
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):

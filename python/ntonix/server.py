@@ -9,6 +9,9 @@ Signals: SIGHUP re-reads the configuration through `reload` and applies a
 changed backend list (a bad file is logged and the old configuration kept).
 SIGTERM/SIGINT stop accepting new connections, let requests in flight finish
 for up to `server.shutdown_grace_seconds`, then exit 0.
+
+With `server.workers` > 1, `serve` hands over to `ntonix.workers`: a supervisor
+that runs this single-process gateway that many times on the same ports.
 """
 
 from __future__ import annotations
@@ -143,10 +146,12 @@ async def _shutdown(
         task.cancel()
 
 
-async def main(settings: Settings, reload: Reload | None) -> None:
-    if settings.ssl.enabled:
-        check_tls(settings)
-    check_ports_free(settings)
+async def main(settings: Settings, reload: Reload | None, first_bind: bool = True) -> None:
+    """One gateway process; `first_bind` is False in a worker, whose supervisor checked the ports."""
+    if first_bind:  # a worker's supervisor checked both, and its siblings hold the ports
+        if settings.ssl.enabled:
+            check_tls(settings)
+        check_ports_free(settings)
     app = App(settings)
     servers = build_servers(app, settings)
     loop = asyncio.get_running_loop()
@@ -202,14 +207,21 @@ async def main(settings: Settings, reload: Reload | None) -> None:
             raise ConfigError(f"cannot listen on {settings.server.bind_address}:{port}: {reason}")
 
 
-def serve(settings: Settings, reload: Reload | None = None) -> None:
-    """Run the gateway until SIGTERM/SIGINT."""
+def serve(settings: Settings, reload: Reload | None = None, first_bind: bool = True) -> None:
+    """Run the gateway (or its `server.workers` processes) until SIGTERM/SIGINT."""
+    if settings.server.workers > 1:
+        from ntonix.workers import supervise
+
+        if settings.ssl.enabled:
+            check_tls(settings)
+        supervise(settings, reload)
+        return
     limit = raise_open_files_limit()
     if limit < 4096:
         log.warning(
             "open-files limit is %d: at most ~%d concurrent streams (raise `ulimit -n`)", limit, limit // 2
         )
     try:
-        asyncio.run(main(settings, reload))
+        asyncio.run(main(settings, reload, first_bind))
     except OSError as err:
         raise ConfigError(f"cannot listen on {settings.server.bind_address}: {err}") from None

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import resource
+
+# Set by the supervisor in each worker process (server.workers > 1).
+WORKER_ENV = "NTONIX_WORKER_ID"
+
+
+def worker_id() -> int:
+    """This process's worker number (1..N), or 0 when the gateway runs as a single process."""
+    try:
+        return int(os.environ.get(WORKER_ENV, "0"))
+    except ValueError:
+        return 0
 
 
 def raise_open_files_limit() -> int:

@@ -663,7 +663,7 @@ async fn plain_server(body: &'static str) -> String {
     format!("http://{addr}/v1/chat/completions")
 }
 
-/// Not a test: the numbers of docs/adr/006-upstream-tls.md. Run with an optimised build, e.g.
+/// Not a test: the numbers of docs/adr/010-upstream-tls.md. Run with an optimised build, e.g.
 /// `CARGO_PROFILE_RELEASE_LTO=false cargo test --release --target-dir target/measure --lib \
 ///  measure_tls_against_plain -- --ignored --nocapture`. Client and server share this process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

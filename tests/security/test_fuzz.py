@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections import Counter
 from typing import Any
 
 import httpx
@@ -33,6 +34,7 @@ PATHS = [
     "/nowhere",
 ]
 TOKEN_CHARS = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+SEEN: Counter[int] = Counter()  # statuses the fuzz got, checked for variety at the end
 SKIPPED = {"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade", "te"}
 
 json_values = st.recursive(
@@ -67,15 +69,26 @@ header_names = st.text(TOKEN_CHARS, min_size=1, max_size=20).filter(
 )
 header_values = st.text(string.printable.strip() + " ", max_size=60).map(str.strip)
 headers = st.dictionaries(header_names, header_values, max_size=8)
-auth = st.sampled_from([None, f"Bearer {KEY}", "Bearer sk-nope", "Basic abc", f"bearer {KEY}"])
-content_types = st.sampled_from([None, "application/json", "text/plain", "application/json; charset=utf-8"])
-methods = st.sampled_from(["GET", "POST", "POST", "POST", "PUT", "DELETE", "HEAD", "OPTIONS"])
+# Weighted towards requests that get past authentication and into the pipeline.
+VALID = f"Bearer {KEY}"
+auth = st.sampled_from([VALID, VALID, VALID, VALID, f"bearer {KEY}", None, "Bearer sk-nope", "Basic abc"])
+content_types = st.sampled_from(
+    ["application/json"] * 4 + [None, "text/plain", "application/json; charset=utf-8"]
+)
+methods = st.sampled_from(["POST"] * 6 + ["GET", "GET", "PUT", "DELETE", "HEAD", "OPTIONS"])
+paths = st.sampled_from(PATHS[:5] * 3 + PATHS)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,  # the same 150 requests every run: a failure reproduces, no flake
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     method=methods,
-    path=st.sampled_from(PATHS),
+    path=paths,
     body=bodies,
     extra=headers,
     authorization=auth,
@@ -100,6 +113,7 @@ def test_fuzzed_requests_get_documented_answers(
         response = client.send(request)
         response.read()
     assert response.status_code in DOCUMENTED, (response.status_code, response.text[:300])
+    SEEN[response.status_code] += 1
     own = response.status_code >= 400 and "x-mock-name" not in response.headers and method != "HEAD"
     if own:  # the gateway's own answers are OpenAI-shaped errors (a HEAD answer has no body)
         error = response.json()["error"]
@@ -107,6 +121,9 @@ def test_fuzzed_requests_get_documented_answers(
 
 
 def test_gateway_survived_the_fuzz(cluster: Cluster) -> None:
+    print(f"fuzz statuses: {dict(sorted(SEEN.items()))}")
+    # the fuzz reached past authentication and into the pipeline, not only the 401 wall
+    assert {200, 400, 401} <= set(SEEN), SEEN
     assert cluster.gateway.alive()
     assert httpx.get(cluster.gateway.url + "/health", timeout=5).json() == {"status": "healthy"}
     assert "Traceback" not in cluster.gateway.log()

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import Processes, wait_for
-from tests.security.conftest import MODEL, Cluster, chat
+from tests.security.conftest import ADMIN, MODEL, Cluster, chat
 
 RPM3 = "sk-rpm3-Vb2Ke"
 TPM = "sk-tpm-Ht6Ls"
@@ -61,6 +61,9 @@ def test_tpm_exact_count_from_answers(cluster: Cluster) -> None:
             assert usage["prompt_tokens"] + usage["completion_tokens"] == PER_REQUEST
             remaining.append(int(answer.headers["x-ratelimit-remaining-tokens"]))
     assert statuses == [200] * 6 + [429] * 2
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    per_key = httpx.get(cluster.gateway.url + "/metrics", headers=admin, timeout=5).json()["keys"]
+    assert per_key["tpm100"] == {"rpm": None, "tpm": 100, "rate_limited": 2, "tokens": 6 * PER_REQUEST}
     # the whole answer's headers already count its own tokens (a little drains meanwhile: 1.7/s)
     expected = [max(0, 100 - PER_REQUEST * (i + 1)) for i in range(6)]
     assert all(e <= r <= e + 3 for e, r in zip(expected, remaining, strict=True)), remaining

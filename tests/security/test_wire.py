@@ -52,6 +52,7 @@ def get(path: str, extra: bytes = b"", close: bool = True) -> bytes:
     ("extra", "who"),
     [
         (b"".join(b"X-H%d: v\r\n" % i for i in range(65)), "gateway: more than 64 fields"),
+        (b"X-Same: v\r\n" * 65, "gateway: more than 64 fields of one name"),
         (b"X-Big: " + b"a" * 40_000 + b"\r\n", "gateway: more than 32 KiB"),
         (b"".join(b"X-H%d: v\r\n" % i for i in range(101)), "granian: more than 100 fields"),
         (b"X-Big: " + b"a" * 500_000 + b"\r\n", "granian: head over its 408 KiB buffer"),

@@ -8,6 +8,7 @@ Kubernetes.
 
 from __future__ import annotations
 
+import os
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from ntonix import __version__
 from ntonix.admin import dashboard
 from ntonix.errors import GatewayError
 from ntonix.routes.spec import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+from ntonix.system import worker_id
 
 if TYPE_CHECKING:
     from ntonix.gateway import Gateway
@@ -73,7 +75,15 @@ def ready(gw: Gateway, scope: Any, proto: Any) -> int:
 def cache_stats_document(gw: Gateway) -> dict[str, Any]:
     stats = gw.cache_stats()
     lookups = stats["hits"] + stats["misses"]
-    return {"enabled": gw.cache is not None, **stats, "hit_rate": stats["hits"] / lookups if lookups else 0.0}
+    document: dict[str, Any] = {
+        "enabled": gw.cache is not None,
+        **stats,
+        "hit_rate": stats["hits"] / lookups if lookups else 0.0,
+    }
+    shared = gw.redis_stats()
+    if shared is not None:  # only with `cache.redis_url`
+        document["redis"] = shared
+    return document
 
 
 def cache_stats(gw: Gateway, scope: Any, proto: Any) -> int:
@@ -86,12 +96,18 @@ def metrics(gw: Gateway, scope: Any, proto: Any) -> int:
     if "text/plain" in accept or "openmetrics" in accept:
         return prometheus(gw, scope, proto)
     document = gw.metrics.snapshot(gw.backends, gw.cache_stats())
+    # with server.workers > 1 each worker answers for its own process only
+    document["process"] = {"pid": os.getpid(), "worker": worker_id()}
+    if gw.guard.keys_on:
+        document["keys"] = gw.guard.snapshot()  # by name; never the keys
     proto.response_bytes(200, JSON_HEADERS, _encode(document))
     return 200
 
 
 def prometheus(gw: Gateway, scope: Any, proto: Any) -> int:
     text = gw.metrics.prometheus(gw.backends, gw.cache_stats(), gw.cache is not None)
+    if gw.redis is not None:
+        text += gw.redis.prometheus()
     proto.response_str(200, [("content-type", "text/plain; version=0.0.4; charset=utf-8")], text)
     return 200
 

@@ -6,7 +6,7 @@ the gateway's own routes answer from its state. A wrong method is 405 with
 (the pipeline writes its own; the router writes the others').
 
 Before dispatch: a request whose headers exceed `MAX_HEADERS` or
-`MAX_HEADER_BYTES` is refused with 431; a CORS preflight is answered (see
+`MAX_HEADER_BYTES` (of values) is refused with 431; a CORS preflight is answered (see
 `http/cors.py`) and an allowed origin's answers get their CORS headers. With
 `auth.admin_key`, the admin routes need it; with gateway keys, every `/v1/`
 route needs a key (the pipeline and the `/v1/models` handlers check theirs, the
@@ -52,7 +52,10 @@ class Router:
         path = scope.path
         method = scope.method
         headers = scope.headers
-        if len(headers) > MAX_HEADERS or sum(len(k) + len(v) for k, v in headers.items()) > MAX_HEADER_BYTES:
+        # NOTE: values only: `items()` builds a tuple per header and cost twice as much (~1.4 against
+        # ~0.7 us for 6 headers in Granian); names are bounded by the field count and Granian's buffer.
+        values = headers.values()  # one per field: a repeated name counts each time (len(headers) would not)
+        if len(values) > MAX_HEADERS or sum(map(len, values)) > MAX_HEADER_BYTES:
             self._answer(scope, proto, _headers_too_large, "")
             return
         if self.cors is not None:
@@ -123,5 +126,5 @@ def _headers_too_large(gw: Gateway, scope: Any, proto: Any) -> int:
     raise GatewayError(
         431,
         "request_header_fields_too_large",
-        f"request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes",
+        f"request headers exceed {MAX_HEADERS} fields or {MAX_HEADER_BYTES} bytes of values",
     )

@@ -101,13 +101,14 @@ class Limiter:
             state.requests = max(state.requests, now) + period / rpm
 
     def charge(self, principal: Principal, tokens: int) -> None:
-        """Count `tokens` of a finished answer against the key's tpm (may run into debt)."""
-        if principal.tpm is None or tokens <= 0:
+        """Count `tokens` of a finished answer (against the key's tpm, which it may run into debt)."""
+        if tokens <= 0:
             return
         now = self.clock()
         state = self._state(principal, now)
-        state.tokens = max(state.tokens, now) + tokens * self.period / principal.tpm
         state.tokens_used += tokens
+        if principal.tpm is not None:
+            state.tokens = max(state.tokens, now) + tokens * self.period / principal.tpm
 
     def headers(self, principal: Principal) -> Headers:
         """`x-ratelimit-*` for the key as it stands now (empty for a key without limits)."""

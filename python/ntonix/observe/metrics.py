@@ -218,6 +218,21 @@ class Metrics:
         )
         for key in ("entries", "size_bytes", "max_size_bytes"):
             gauge(f"ntonix_cache_{key}", f"Cache {key.replace('_', ' ')}.", [((), cache.get(key, 0))])
+        routing = self.policy_stats()
+        gauge(
+            "ntonix_routing_policy_info",
+            "The balancing policy (label policy), always 1.",
+            [((("policy", str(routing.get("policy", self.policy))),), 1)],
+        )
+        index = routing.get("prefix_index")
+        if isinstance(index, dict):
+            for name, value in sorted(index.items()):
+                if isinstance(value, int | float):
+                    gauge(
+                        f"ntonix_prefix_index_{name}",
+                        f"Prefix index: {name.replace('_', ' ')}.",
+                        [((), value)],
+                    )
         counter(
             "ntonix_requests_client_error_total",
             "Answers >= 400 the gateway made for bad input.",

@@ -1,4 +1,4 @@
-"""`/v1/embeddings` cached per input (SPEC §10): only the inputs nobody computed yet go upstream.
+"""`/v1/embeddings` cached per input: only the inputs nobody computed yet go upstream.
 
 Each input of a request (a string or a token array; a single input or a
 batch) is one entry of the L1 `ResponseCache`, under
@@ -190,6 +190,11 @@ class EmbeddingInputs:
                     waits[key] = other
                     continue
             send.append(key)
+        if send and self.proxy.shared is not None and not no_cache:  # the Redis tier, one MGET
+            for key, hit in (await self.proxy.shared.get_many(send)).items():
+                entries[key] = Entry.stored(hit)
+            waits.update((k, self.pending[k]) for k in send if k not in entries and k in self.pending)
+            send = [key for key in send if key not in entries and key not in waits]
         sent = 0
         model: str | None = None
         try:
@@ -293,6 +298,8 @@ class EmbeddingInputs:
             key = send[item.index][0]
             entry = entries[key] = Entry(bytes(item.embedding), shares[item.index], model)
             cache.put(key, entry.vector, entry.meta())
+            if proxy.shared is not None:
+                proxy.shared.put(key, entry.vector, entry.meta(), False)
             future = mine[key]
             if not future.done():
                 future.set_result(entry)

@@ -51,6 +51,7 @@ from ntonix.routes.spec import EMBEDDINGS
 if TYPE_CHECKING:
     from ntonix._core import Forwarder, ResponseCache, UpstreamResponse
     from ntonix.auth.guard import Guard
+    from ntonix.cache.redis_tier import RedisTier
     from ntonix.config import Settings
     from ntonix.observe.metrics import Metrics
     from ntonix.routes.spec import RouteSpec
@@ -98,6 +99,7 @@ class Proxy:
         self.inflight: dict[int, asyncio.Future[Answer]] = {}
         self.slow = SlowRequestWatch()
         self.keys = KeyMemo()
+        self.shared: RedisTier | None = None  # the Redis tier behind `cache`, set by the gateway
         self.embeddings = EmbeddingInputs(self)  # /v1/embeddings cached per input (embeddings.py)
         self.guard: Guard | None = None  # set by the gateway when API keys are configured
 
@@ -112,7 +114,7 @@ class Proxy:
             ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
             if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
-                proto = self.guard.admit(headers, ex, proto)
+                proto = await self.guard.admit(headers, ex, proto)
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
             self._error(proto, ex, err)
@@ -162,7 +164,11 @@ class Proxy:
             assert cache is not None
             ex.cache = "MISS"
             if not no_cache:
-                hit = cache.get(key)
+                # a stream keyed only to coalesce (cache.streaming off) is never stored: no lookup, no miss
+                stored = not facts.stream or self.cache_streams
+                hit = cache.get(key) if stored else None
+                if hit is None and stored and self.shared is not None and key not in self.inflight:
+                    hit = await self.shared.get(key, facts.stream)  # the Redis tier; fills L1
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
                     return
@@ -191,7 +197,10 @@ class Proxy:
             raise
         if key is not None and 200 <= answer.status < 300:
             assert cache is not None
-            cache.put(key, answer.body, encode_meta(answer.headers))
+            meta = encode_meta(answer.headers)
+            cache.put(key, answer.body, meta)
+            if self.shared is not None:
+                self.shared.put(key, answer.body, meta, False, answer.status)
         if leader is not None:
             if self.inflight.get(key) is leader:  # type: ignore[arg-type]
                 del self.inflight[key]  # type: ignore[arg-type]
@@ -534,7 +543,10 @@ class Proxy:
                 ex.status = 499
         # Only a stream that ended cleanly with [DONE] is worth replaying.
         if record and not left and done and key is not None and self.cache is not None:
-            self.cache.put(key, pack_chunks(record), encode_meta(response.headers))
+            stored, meta = pack_chunks(record), encode_meta(response.headers)
+            self.cache.put(key, stored, meta)
+            if self.shared is not None:
+                self.shared.put(key, stored, meta, True, response.status)
 
     # -- live stream fan-out (see fanout.py) -----------------------------------------------
 
@@ -678,7 +690,10 @@ class Proxy:
         stored = self.cache_streams and done and not broken and self.cache is not None
         if stored and response is not None and 200 <= response.status < 300:
             assert self.cache is not None
-            self.cache.put(key, pack_chunks(group.chunks), encode_meta(response.headers))
+            stored_chunks, meta = pack_chunks(group.chunks), encode_meta(response.headers)
+            self.cache.put(key, stored_chunks, meta)
+            if self.shared is not None:
+                self.shared.put(key, stored_chunks, meta, True, response.status)
 
     async def _replay_stream(
         self, proto: Any, headers: list[tuple[str, str]], stored: bytes, ex: Exchange

@@ -1,11 +1,13 @@
 """Token counts from the `usage` an answer or a stream's usage chunk carries (OpenAI and Responses shapes).
 
 Read off the client's path: a whole answer is scanned only when it mentions
-`"usage"`, and a stream only keeps the last chunk that did, decoded once at its end.
+`"usage"` (or, gzip-compressed by the backend, once decompressed), and a stream only
+keeps the last chunk that did, decoded once at its end.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -52,10 +54,30 @@ class Usage:
         self.cached = details.cached_tokens if details is not None else None
 
 
+# Largest decompressed answer scanned for usage (a gzip bomb costs this much at most).
+_GUNZIP_LIMIT = 16 * 1024 * 1024
+
+
+def _gunzip(body: bytes) -> bytes | None:
+    try:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, _GUNZIP_LIMIT)
+    except zlib.error:
+        return None
+
+
 def usage_of_body(response: UpstreamResponse) -> Usage | None:
     body = response.body
-    if not body or response.status >= 300 or b'"usage"' not in body:
+    if not body or response.status >= 300:
         return None
+    if b'"usage"' not in body:
+        # NOTE: a backend (or an nginx in front of it) may gzip answers for clients that accept it; the
+        # pipeline forwards them compressed, so read the usage from the decompressed copy.
+        if not body.startswith(b"\x1f\x8b"):
+            return None
+        plain = _gunzip(body)
+        if plain is None or b'"usage"' not in plain:
+            return None
+        body = plain
     try:
         doc = _decode_answer(body).usage
     except (msgspec.DecodeError, msgspec.ValidationError):
