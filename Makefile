@@ -143,7 +143,7 @@ test-real: build $(REAL)/venv/.llama-$(LLAMA_VER) $(REAL)/model/tiny.gguf
 
 # ---- make bench-routing: issue 11's routing benchmark (docs/benchmarks.md, "Routing (issue 11)") ----
 # A multi-turn chat trace over 4 KV-emulating mocks, NTONIX's policies against sglang-router and
-# vllm-router (the `bench` extra installs them); about 6 minutes, BENCH_QUICK=1 about 1.
+# vllm-router (the `bench` extra lists them); about 5 minutes, BENCH_QUICK=1 about 1.5.
 .PHONY: bench-routing
 
 bench-routing: build
