@@ -119,7 +119,7 @@ def test_the_load_term_is_relative_to_weight() -> None:
     # With affinity on `big`, its weight keeps its relative load low, so it keeps the prompt.
     text = words(rng, 1000)
     policy.index.insert(text, big.id)
-    small.in_flight, big.in_flight = 1, 6  # relative 1.0 vs 1.5: mean 1.25
+    small.in_flight, big.in_flight = 1, 6  # per unit of weight 1.0 vs 1.5: half a request more
     assert policy.select(Ctx(text + "!"), [small, big]) is big
 
 
