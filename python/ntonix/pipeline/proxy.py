@@ -456,6 +456,16 @@ class Proxy:
         if backend.breaker.on_failure(time.monotonic(), lease.probe):
             log.warning("circuit opened for backend %s", backend.key)
 
+    def _stream_broke(self, ex: Exchange, lease: Lease, response: UpstreamResponse, err: Exception) -> bool:
+        """Count a stream the backend broke after its headers; True when it is SSE (an error event fits)."""
+        backend = lease.backend
+        self.metrics.stream_errors += 1
+        backend.errors += 1  # the request itself was counted when its headers came
+        if backend.breaker.on_failure(time.monotonic(), lease.probe):
+            log.warning("circuit opened for backend %s", backend.key)
+        log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
+        return (header_value(response.headers, "content-type") or "").startswith("text/event-stream")
+
     def _note_usage(self, ex: Exchange, usage: Usage | None) -> int | None:
         """Count the answer's tokens for its model; answers the cached prompt tokens it reported."""
         if usage is None:
@@ -539,14 +549,8 @@ class Proxy:
                     if done:
                         log.debug("request %s: %s closed after [DONE]: %s", ex.request_id, backend.key, err)
                         break
-                    metrics.stream_errors += 1
-                    backend.errors += 1  # the request itself was counted when its headers came
-                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
-                        log.warning("circuit opened for backend %s", backend.key)
-                    log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
-                    if not left and (header_value(response.headers, "content-type") or "").startswith(
-                        "text/event-stream"
-                    ):
+                    sse = self._stream_broke(ex, lease, response, err)
+                    if not left and sse:
                         # the status line is gone: an in-band OpenAI error event tells the client the
                         # stream broke (the openai SDK raises APIError) instead of a quiet, truncated end
                         with contextlib.suppress(Exception):
@@ -677,14 +681,7 @@ class Proxy:
                     if done:
                         break
                     broken = True
-                    self.metrics.stream_errors += 1
-                    backend.errors += 1
-                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
-                        log.warning("circuit opened for backend %s", backend.key)
-                    log.warning(
-                        "request %s: shared stream from %s broke: %s", ex.request_id, backend.key, err
-                    )
-                    if (header_value(response.headers, "content-type") or "").startswith("text/event-stream"):
+                    if self._stream_broke(ex, lease, response, err):
                         group.append(_stream_error_event(err))
                     break
             if tap is not None and (rest := tap.flush()):
