@@ -503,7 +503,12 @@ class Proxy:
         if ex.cache != "-":
             out.append(("x-cache", ex.cache))
         ex.status = response.status
-        transport = proto.response_stream(response.status, out)
+        try:
+            transport = proto.response_stream(response.status, out)
+        except BaseException:  # the answer cannot start (client gone): the lease and upstream go now
+            response.close()
+            pool.release(ex, lease)
+            raise
         metrics = self.metrics
         metrics.streams_active += 1
         left = False
@@ -558,7 +563,10 @@ class Proxy:
                     record = None
                     break
             if tap is not None and not left and (rest := tap.flush()):
-                await transport.send_bytes(rest)  # an event held back that never completed
+                try:
+                    await transport.send_bytes(rest)  # an event held back that never completed
+                except Exception:  # the client left: as in the loop above, not a gateway error
+                    left = True
         finally:
             self.slow.remove(response)
             metrics.streams_active -= 1
