@@ -1,4 +1,4 @@
-"""`/v1/embeddings` cached per input (SPEC §10): only the inputs nobody computed yet go upstream.
+"""`/v1/embeddings` cached per input: only the inputs nobody computed yet go upstream.
 
 Each input of a request (a string or a token array; a single input or a
 batch) is one entry of the L1 `ResponseCache`, under
