@@ -140,3 +140,12 @@ $(REAL)/model/tiny.gguf: tests_real/make_model.py $(LLAMA_SDIST) $(REAL)/venv/.c
 test-real: build $(REAL)/venv/.llama-$(LLAMA_VER) $(REAL)/model/tiny.gguf
 	NTONIX_REAL_PYTHON=$(abspath $(REAL_PY)) NTONIX_REAL_MODEL=$(abspath $(REAL)/model/tiny.gguf) \
 		$(PY) -m pytest tests_real -q -p no:cacheprovider
+
+# ---- make bench-routing: issue 11's routing benchmark (docs/benchmarks.md, "Routing (issue 11)") ----
+# A multi-turn chat trace over 4 KV-emulating mocks, NTONIX's policies against sglang-router and
+# vllm-router (the `bench` extra lists them); about 5 minutes, BENCH_QUICK=1 about 1.5.
+.PHONY: bench-routing
+
+bench-routing: build
+	$(PIP) install --quiet "aiohttp>=3.9" "sglang-router>=0.3" "vllm-router>=0.1.17"
+	$(PY) bench/routing.py

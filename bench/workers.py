@@ -67,7 +67,7 @@ def run_config(args: argparse.Namespace, tmp: Path, workers: int, redis_url: str
     )
     config = {
         "server": {"threads": 1, "workers": workers},
-        "cache": {"redis_url": redis_url, "max_size_mb": 256},
+        "cache": {"redis_url": redis_url, "max_size_mb": 256, "redis_timeout_ms": args.redis_timeout_ms},
         "logging": {"level": "warning", "enable_colors": False, "access_log": False},
     }
     path = tmp / f"gw-{workers}-{bool(redis_url)}.json"
@@ -119,13 +119,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--distinct", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--redis-timeout-ms", type=float, default=25.0)
+    parser.add_argument("--shared-only", action="store_true", help="only the rows with Redis")
     args = parser.parse_args()
     server_bin = shutil.which("redis-server")
     if server_bin is None or shutil.which("wrk") is None:
         raise SystemExit("needs redis-server and wrk (apt-get install redis-server wrk)")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        rows = [run_config(args, tmp, 1, ""), run_config(args, tmp, 2, "")]
+        rows = [] if args.shared_only else [run_config(args, tmp, 1, ""), run_config(args, tmp, 2, "")]
         for workers in (1, 2):
             redis_port = free_port()
             redis = subprocess.Popen(
@@ -139,7 +141,9 @@ def main() -> None:
                 redis.kill()
                 redis.wait(10)
     print(f"CPU: {cpu_model()} x {os.cpu_count()}; {args.seconds} s per row, {args.connections} connections,")
-    print(f"{args.distinct} distinct prompts drawn uniformly")
+    print(
+        f"{args.distinct} distinct prompts drawn uniformly, cache.redis_timeout_ms {args.redis_timeout_ms:g}"
+    )
     print("| workers | shared Redis | req/s | p99 ms | hit rate | backend calls | errors |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:

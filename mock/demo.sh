@@ -31,6 +31,9 @@ stop_and_wait() {
 }
 cleanup() {
     trap - EXIT INT TERM
+    if [[ -n "${traffic_pid:-}" ]]; then
+        kill "$traffic_pid" 2>/dev/null || true
+    fi
     # The gateway first, so that it drains before its backends go away.
     if [[ -n "$gateway_pid" ]]; then
         stop_and_wait "$gateway_pid"
@@ -100,6 +103,9 @@ Starting the NTONIX gateway on :$GATEWAY_PORT (Ctrl-C stops everything). Try, fr
   curl -s $url/metrics
   curl -s $url/cache/stats
 
+  # the live dashboard (a little demo traffic keeps it moving for two minutes)
+  $url/dashboard
+
 EOF
 
 backend_args=()
@@ -110,6 +116,25 @@ done
 # runs as a job and is waited for, because `wait` (unlike a foreground command) lets the traps run at once.
 ntonix run --port "$GATEWAY_PORT" "${backend_args[@]}" &
 gateway_pid=$!
+
+# A little traffic so the dashboard is alive when opened: a few requests every two seconds for two
+# minutes, across both models, some repeated (cache hits) and some streamed. Stopped with the demo.
+demo_traffic() {
+    command -v curl >/dev/null 2>&1 || return 0
+    local i model
+    sleep 2
+    for i in $(seq 1 60); do
+        for model in llama-3.1-8b qwen2.5-coder; do
+            curl -s -o /dev/null "$url/v1/chat/completions" -H 'Content-Type: application/json' \
+                -d "{\"model\":\"$model\",\"messages\":[{\"role\":\"user\",\"content\":\"demo $((i % 5))\"}]}" || true
+        done
+        curl -s -o /dev/null "$url/v1/chat/completions" -H 'Content-Type: application/json' \
+            -d "{\"model\":\"llama-3.1-8b\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"stream $i\"}]}" || true
+        sleep 2
+    done
+}
+demo_traffic >/dev/null 2>&1 &
+traffic_pid=$!
 status=0
 wait "$gateway_pid" || status=$?
 gateway_pid=""

@@ -217,7 +217,10 @@ def test_streams_are_cached_only_when_enabled_and_replayed_chunk_for_chunk(procs
     assert b"".join(chunks1) == b"".join(chunks2)
     assert b"".join(chunks2).rstrip().endswith(b"data: [DONE]")
     assert headers2["content-type"].startswith("text/event-stream")
-    # Without cache.streaming a stream is never looked up or stored.
+    # Without cache.streaming a stream is never looked up or stored: each is a MISS (it is keyed only
+    # so that identical live streams coalesce, SPEC §10), and no lookup is counted.
     headers3, _ = stream(plain.url)
     headers4, _ = stream(plain.url)
-    assert "x-cache" not in headers3 and "x-cache" not in headers4
+    assert headers3["x-cache"] == "MISS" and headers4["x-cache"] == "MISS"
+    figures = httpx.get(plain.url + "/metrics", timeout=5).json()
+    assert figures["cache_hits"] == 0 and figures["cache_misses"] == 0

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ntonix.pipeline.embeddings import input_digest, share_tokens, split_inputs
 from tests.conftest import Proc, Processes
 
 EMB = "/v1/embeddings"
@@ -264,3 +265,28 @@ def test_any_sequence_of_batches_gets_the_backends_vectors(
             if key not in reference:
                 reference[key] = direct(mock, [one], **options)
             assert got[index] == reference[key], (one, options)
+
+
+# -- the pieces, without a gateway ---------------------------------------------------------------------
+
+
+@given(
+    st.integers(min_value=0, max_value=100_000),
+    st.lists(st.integers(min_value=0, max_value=5000), min_size=1),
+)
+def test_token_shares_add_up_to_the_backends_count(total: int, weights: list[int]) -> None:
+    parts = share_tokens(total, weights)
+    assert sum(parts) == total and len(parts) == len(weights)
+    whole = sum(max(1, w) for w in weights)
+    for part, weight in zip(parts, weights, strict=True):
+        assert abs(part - total * max(1, weight) / whole) < 1.0
+
+
+def test_split_inputs_kinds() -> None:
+    assert split_inputs("a") == ([("s", "a")], False)
+    assert split_inputs([1, 2]) == ([("t", [1, 2])], False)
+    assert split_inputs(["a", "b"]) == ([("s", "a"), ("s", "b")], True)
+    assert split_inputs([[1], [2, 3]]) == ([("t", [1]), ("t", [2, 3])], True)
+    assert split_inputs(["a", [1]]) is None  # mixed: the whole-request path
+    assert input_digest(0, ("s", "1 2")) != input_digest(0, ("t", [1, 2]))
+    assert input_digest(0, ("s", "x")) != input_digest(1, ("s", "x"))

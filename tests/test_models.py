@@ -12,6 +12,8 @@ import itertools
 import json
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -322,6 +324,24 @@ def test_sighup_reapplies_backends_models_and_aliases(fresh: Cluster) -> None:
     assert [json.loads(r["body"])["model"] for r in mock_requests(b, EMBEDDINGS)] == ["embed"]
     assert post(gw, CHAT, chat("llama")).status_code == 200
     assert served(a1) == 1 and served(b) == 0
+
+
+def test_an_alias_of_an_alias_is_refused_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "chain.json"
+    document = {
+        "backends": [{"host": "127.0.0.1", "port": 9}],
+        "models": {"aliases": {"a": "b", "b": "llama"}},
+    }
+    config.write_text(json.dumps(document))
+    result = subprocess.run(
+        [sys.executable, "-m", "ntonix", "config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stdout
+    [line] = result.stderr.strip().splitlines()
+    assert "models.aliases" in line and "'b' is itself an alias" in line
 
 
 # -- metrics ---------------------------------------------------------------------------------------

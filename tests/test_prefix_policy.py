@@ -89,6 +89,26 @@ def test_a_system_prompt_one_backend_holds_sends_traffic_there_until_load_says_n
     assert flips is not None and flips >= 2, flips  # gradual: a few requests more, not one
 
 
+def test_one_request_in_flight_at_low_load_does_not_move_a_conversation() -> None:
+    # Measured in bench/routing.py: a load term relative to the mean weighed one request in flight on
+    # an idle pool of 4 like 4 requests, so a conversation left its backend whenever that backend was
+    # answering somebody else. The excess over the idlest candidate weighs it as one request.
+    rng = random.Random(6)
+    backends = pool(4)
+    policy = PrefixAffinity(MB)
+    system = words(rng, 1000)
+    for b in backends:
+        policy.index.insert(system, b.id)  # every backend holds the system prompt: it does not count
+    conversation = system + words(rng, 2000)  # two thirds of the next prompt are this backend's
+    home = policy.select(Ctx(conversation), backends)
+    home.in_flight = 1
+    conversation += words(rng, 400)
+    assert policy.select(Ctx(conversation), backends) is home
+    # ... and a backend far busier than the others does lose it
+    home.in_flight = 12
+    assert policy.select(Ctx(conversation + words(rng, 400)), backends) is not home
+
+
 def test_the_load_term_is_relative_to_weight() -> None:
     rng = random.Random(4)
     small, big = Stub(0, weight=1), Stub(1, weight=4)
@@ -99,7 +119,7 @@ def test_the_load_term_is_relative_to_weight() -> None:
     # With affinity on `big`, its weight keeps its relative load low, so it keeps the prompt.
     text = words(rng, 1000)
     policy.index.insert(text, big.id)
-    small.in_flight, big.in_flight = 1, 6  # relative 1.0 vs 1.5: mean 1.25
+    small.in_flight, big.in_flight = 1, 6  # per unit of weight 1.0 vs 1.5: half a request more
     assert policy.select(Ctx(text + "!"), [small, big]) is big
 
 

@@ -350,3 +350,73 @@ def test_config_rejects_a_url_that_is_not_redis(procs: Processes) -> None:
     gw.popen.wait(timeout=30)
     assert gw.popen.returncode == 2
     assert "cache.redis_url" in gw.log()
+
+
+# -- fleet single-flight (cache.redis_lock_ms) ------------------------------------------------
+
+
+def mock_stats(mock: Proc) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(mock.url + "/mock/stats", timeout=5).json()
+    return stats
+
+
+def test_fleet_single_flight_one_backend_call_for_two_gateways(
+    procs: Processes, redis_server: RedisServer
+) -> None:
+    mock = procs.mock()
+    one = gateway(procs, mock, redis_server.url, redis_lock_ms=10_000)
+    two = gateway(procs, mock, redis_server.url, redis_lock_ms=10_000)
+    connected(one)
+    connected(two)
+    payload = chat_body("one backend call for the fleet")
+    slow = {"x-mock-latency-ms": "1500"}
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, gw: Proc) -> None:
+        answers[name] = httpx.post(gw.url + "/v1/chat/completions", json=payload, headers=slow, timeout=30)
+
+    first = threading.Thread(target=send, args=("one", one))
+    first.start()
+    wait_for(lambda: mock_stats(mock)["in_flight"] == 1, 10, what="the first request upstream")
+    second = threading.Thread(target=send, args=("two", two))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert answers["one"].status_code == answers["two"].status_code == 200
+    assert answers["one"].headers["x-cache"] == "MISS"
+    assert answers["two"].headers["x-cache"] == "HIT"
+    assert answers["two"].content == answers["one"].content
+    assert mock_stats(mock)["chat_requests"] == 1
+    assert redis_stats(one)["locks"] == 1
+    assert (redis_stats(two)["lock_waits"], redis_stats(two)["lock_hits"]) == (1, 1)
+    wait_for(lambda: not redis_server.client().keys("ntonix:v1:*:lock:*"), 5, what="the lock released")
+
+
+def test_fleet_waiter_goes_upstream_when_the_lock_holder_fails(
+    procs: Processes, redis_server: RedisServer
+) -> None:
+    mock = procs.mock()
+    one = gateway(procs, mock, redis_server.url, redis_lock_ms=20_000)
+    two = gateway(procs, mock, redis_server.url, redis_lock_ms=20_000)
+    connected(one)
+    connected(two)
+    payload = chat_body("the holder fails")
+    failing = {"x-mock-latency-ms": "1000", "x-mock-status": "500"}
+    answers: dict[str, httpx.Response] = {}
+
+    def send(name: str, gw: Proc, headers: dict[str, str]) -> None:
+        answers[name] = httpx.post(gw.url + "/v1/chat/completions", json=payload, headers=headers, timeout=30)
+
+    first = threading.Thread(target=send, args=("one", one, failing))
+    first.start()
+    wait_for(lambda: mock_stats(mock)["in_flight"] == 1, 10, what="the first request upstream")
+    started = time.monotonic()
+    second = threading.Thread(target=send, args=("two", two, {}))
+    second.start()
+    first.join(30)
+    second.join(30)
+    waited = time.monotonic() - started
+    assert answers["one"].status_code == 500
+    assert answers["two"].status_code == 200 and answers["two"].headers["x-cache"] == "MISS"
+    assert waited < 10  # released at once, not held for the lock's 20 s
+    assert redis_stats(two)["lock_waits"] == 1 and redis_stats(two)["lock_hits"] == 0

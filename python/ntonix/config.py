@@ -146,6 +146,9 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     redis_retry_seconds: float = 1.0
     # Connections to Redis per gateway process.
     redis_max_connections: int = 32
+    # Fleet single-flight: a Redis lock this long lets one gateway compute an answer while the
+    # others poll Redis for it (then compute it themselves); 0 turns it off.
+    redis_lock_ms: float = 0.0
     # "global": one namespace for every client; "key": each gateway API key its own (hits never cross).
     scope: CacheScope = "global"
 
@@ -645,6 +648,7 @@ _RULES: dict[str, _Rule] = {
     "cache.redis_failure_threshold": _ONE_OR_MORE,
     "cache.redis_retry_seconds": _POSITIVE,
     "cache.redis_max_connections": _ONE_OR_MORE,
+    "cache.redis_lock_ms": _NOT_NEGATIVE,
     "logging.max_file_size_mb": _POSITIVE,
     "logging.max_files": _ONE_OR_MORE,
     "health_check.path": _Rule(lambda v: v.startswith("/"), "a path starting with /"),
@@ -689,6 +693,12 @@ def _validate(s: Settings, layers: _Layers) -> None:
             raise ConfigError(
                 f"invalid configuration: models.aliases: {alias!r} -> {target!r}: "
                 f"expected two different non-empty model ids{layers.describe('models.aliases')}"
+            )
+        if target in s.models.aliases:  # one hop only: the request would go to backends serving "target"
+            raise ConfigError(
+                f"invalid configuration: models.aliases: {alias!r} -> {target!r}: {target!r} is itself an "
+                f"alias (chains are not followed; point {alias!r} at a model id)"
+                f"{layers.describe('models.aliases')}"
             )
     if not s.backends:
         read = layers.file_label or "no config file"

@@ -17,10 +17,11 @@ import msgspec
 
 from ntonix._core import Forwarder, ResponseCache, init_runtime
 from ntonix.auth.guard import Guard
-from ntonix.auth.keys import KeyConfigError, build_table
+from ntonix.auth.keys import KeyConfigError, KeyTable, build_table
 from ntonix.balance import make_policy, make_shared_policy
 from ntonix.config import Settings
 from ntonix.limits.limiter import Limiter
+from ntonix.limits.shared import SharedLimits
 from ntonix.observe.metrics import Metrics
 from ntonix.pipeline.proxy import Proxy
 from ntonix.upstream.backend import Backend, build_backends
@@ -73,14 +74,16 @@ class Gateway:
         self.metrics.known_models = lambda: self.registry.known
         self.proxy = Proxy(settings, self.forwarder, self.cache, self.metrics, lambda: self.registry)
         self.limiter = Limiter()
-        self._set_guard(Guard(build_table(settings.auth), self.limiter, settings.cache.scope == "key"))
         self.redis: RedisTier | None = None
+        self.shared_limits: SharedLimits | None = None
         if self.cache is not None and cache_cfg.redis_url:
             from ntonix.cache.redis_tier import RedisTier
 
             self.redis = RedisTier(cache_cfg, self.cache, cache_cfg.scope)
             self.redis.start(loop)
             self.proxy.shared = self.redis
+            self.shared_limits = SharedLimits(self.redis, self.limiter)
+        self._set_guard(self._guard(build_table(settings.auth)))
         self.health = HealthChecker(
             settings.health_check,
             self.forwarder,
@@ -99,6 +102,9 @@ class Gateway:
         if self.shared_policy is not None:
             self.shared_policy.forget(backend.id)
 
+    def _guard(self, table: KeyTable) -> Guard:
+        return Guard(table, self.limiter, self.settings.cache.scope == "key", self.shared_limits)
+
     def _set_guard(self, guard: Guard) -> None:
         self.guard = guard
         self.proxy.guard = guard if guard.keys_on else None  # no keys: the pipeline skips the phase
@@ -110,7 +116,7 @@ class Gateway:
         except KeyConfigError as err:
             log.error("keys reload failed, keeping the old keys: %s", err)
             return
-        self._set_guard(Guard(table, self.limiter, self.settings.cache.scope == "key"))
+        self._set_guard(self._guard(table))
         self.settings = msgspec.structs.replace(self.settings, auth=fresh.auth)
         log.info("keys reloaded: %d key(s)%s", len(table.by_digest), ", admin key set" if table.admin else "")
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from tests.security.conftest import MODEL, OTHER, Cluster
 
 KEY = "sk-fuzz-Mn2Bv"
-# Every status the gateway documents (SPEC §4, §7, §11; SECURITY.md), plus the mock's 404 for an
-# unknown POST /v1/... path it does not serve.
+# Every status the gateway documents (README "API" and "Keys and limits", SECURITY.md), plus the
+# mock's 404 for an unknown POST /v1/... path it does not serve.
 DOCUMENTED = {200, 204, 400, 401, 403, 404, 405, 413, 415, 429, 431, 502, 503, 504}
 PATHS = [
     "/v1/chat/completions",

@@ -18,6 +18,7 @@ from ntonix.limits.limiter import Limiter
 
 if TYPE_CHECKING:
     from ntonix.auth.keys import KeyTable, Principal
+    from ntonix.limits.shared import SharedLimits
     from ntonix.pipeline.exchange import Exchange
 
 # The gateway's own routes that only the admin key may read (the dashboard page itself holds no data).
@@ -27,12 +28,15 @@ ADMIN_PATHS = frozenset({"/metrics", "/metrics/prometheus", "/cache/stats"})
 class Guard:
     """Keys, limits and the cache scope rule of one gateway process."""
 
-    __slots__ = ("by_key", "limiter", "table")
+    __slots__ = ("by_key", "limiter", "shared", "table")
 
-    def __init__(self, table: KeyTable, limiter: Limiter, scope_by_key: bool) -> None:
+    def __init__(
+        self, table: KeyTable, limiter: Limiter, scope_by_key: bool, shared: SharedLimits | None = None
+    ) -> None:
         self.table = table
         self.limiter = limiter
         self.by_key = scope_by_key
+        self.shared = shared  # with cache.redis_url: limits shared by the fleet
 
     @property
     def keys_on(self) -> bool:
@@ -44,13 +48,17 @@ class Guard:
             return None
         return self.table.authenticate(headers.get("authorization"))
 
-    def admit(self, headers: Any, ex: Exchange, proto: Any) -> Any:
+    async def admit(self, headers: Any, ex: Exchange, proto: Any) -> Any:
         """Authenticate and spend one request (401, 429); the protocol that adds the limit headers."""
         principal = ex.principal = self.table.authenticate(headers.get("authorization"))
-        limiter = self.limiter
-        limiter.admit(principal)
         if principal.rpm is None and principal.tpm is None:
             return proto
+        if self.shared is not None:
+            # the fleet's state at admission (a whole answer's own tokens are charged after it)
+            shared_headers = await self.shared.admit(principal)
+            return WithHeaders(proto, lambda: shared_headers)
+        limiter = self.limiter
+        limiter.admit(principal)
         return WithHeaders(proto, lambda: limiter.headers(principal))
 
     def check_admin(self, headers: Any) -> None:
@@ -61,7 +69,10 @@ class Guard:
         return principal.scope if self.by_key else ""
 
     def charge(self, principal: Principal, tokens: int) -> None:
-        self.limiter.charge(principal, tokens)
+        if self.shared is not None:
+            self.shared.charge(principal, tokens)
+        else:
+            self.limiter.charge(principal, tokens)
 
     def snapshot(self) -> dict[str, dict[str, int | None]]:
         """Per key name: its limits, the requests refused (429) and the tokens its answers used."""

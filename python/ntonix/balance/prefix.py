@@ -2,11 +2,16 @@
 
 The Rust `PrefixIndex` (chained block hashes, a global memory budget that is never exceeded, see
 docs/adr/006-prefix-index.md) says how many leading characters of the prompt each backend was
-last sent. Every candidate scores `trust * beyond / prompt_len - beta * relative_load`: `beyond`
+last sent. Every candidate scores `trust * beyond / prompt_len - beta * excess_load`: `beyond`
 is its match minus the part *every* candidate holds (one system prompt shared by all is no
-reason to prefer anybody, so it cannot pull all traffic onto one backend), `relative_load` its
-in-flight count per unit of weight divided by the candidates' mean, so a backend loses new work
-gradually as it gets busier instead of a hard switch between "affinity" and "balance" modes. No
+reason to prefer anybody, so it cannot pull all traffic onto one backend), `excess_load` its
+in-flight count per unit of weight minus the least loaded candidate's, so a backend loses new work
+gradually as it gets busier instead of a hard switch between "affinity" and "balance" modes: with
+`beta` 0.25, a prompt it holds entirely stays while it has fewer than 4 requests more in flight
+than the idlest candidate, a prompt it holds a quarter of beyond the shared part, 1. (The load used
+to be divided by the candidates' mean, which is bounded by the number of backends and huge at low
+load: one request in flight on an otherwise idle pool of 4 weighed 4, so conversations left their
+backend whenever it was answering anybody; `make bench-routing`, docs/benchmarks.md.) No
 match beyond the shared part, or a tie, goes to the least loaded relative to weight. The pick is
 recorded in the index at once (the backend holds the prompt once it has read it).
 
@@ -62,7 +67,7 @@ class PrefixAffinity:
         memory_bytes: int,
         *,
         block_chars: int = 64,
-        beta: float = 1.0,
+        beta: float = 0.25,
         chars_per_token: float = 4.0,
     ) -> None:
         self.index = PrefixIndex(memory_bytes, block_chars)
@@ -115,14 +120,13 @@ class PrefixAffinity:
         if max(depths) <= shared:
             return None
         loads = [b.in_flight / b.weight for b in candidates]
-        mean = sum(loads) / len(loads)
+        floor = min(loads)
         scale = 1.0 / len(text)
         best: _B | None = None
         best_score = best_load = 0.0
         trust = self.trust
         for backend, depth, load in zip(candidates, depths, loads, strict=True):
-            relative = load / mean if mean > 0 else 0.0
-            score = (depth - shared) * scale * trust.get(backend.id, 1.0) - self.beta * relative
+            score = (depth - shared) * scale * trust.get(backend.id, 1.0) - self.beta * (load - floor)
             if best is None or score > best_score or (score == best_score and load < best_load):
                 best, best_score, best_load = backend, score, load
         if best is not None and depths[candidates.index(best)] <= shared:

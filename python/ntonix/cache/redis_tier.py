@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -117,6 +118,9 @@ class RedisTier:
         self.threshold = cfg.redis_failure_threshold
         self.retry_seconds = cfg.redis_retry_seconds
         self.prefix = f"{KEY_PREFIX}{scope}:"
+        self.lock_ms = int(cfg.redis_lock_ms)  # fleet single-flight; 0: off
+        self.token = os.urandom(8).hex()  # this process's name on the locks it takes
+        self.held: set[int] = set()
         # Background work (writes, probes) may take longer than a request's read: a slow network
         # must not turn every write into an error, yet nothing waits forever.
         self.slow_timeout = max(1.0, self.timeout * 4)
@@ -133,7 +137,8 @@ class RedisTier:
             lib_version=None,
         )
         self.client: Redis = Redis(connection_pool=pool)
-        self.queue: asyncio.Queue[tuple[str, bytes, int]] = asyncio.Queue(cfg.redis_write_queue)
+        # (name, value, ttl ms); a value None deletes `name` (a fleet lock this process held)
+        self.queue: asyncio.Queue[tuple[str, bytes | None, int]] = asyncio.Queue(cfg.redis_write_queue)
         self.up = False
         self.failures = 0
         self.last_ok = 0.0
@@ -145,6 +150,9 @@ class RedisTier:
         self.writes_dropped = 0
         self.too_large = 0
         self.corrupt = 0
+        self.locks = 0
+        self.lock_waits = 0
+        self.lock_hits = 0
         self._warned_corrupt = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -234,17 +242,77 @@ class RedisTier:
 
     def put(self, key: int, body: bytes, meta: str, stream: bool, status: int = 200) -> None:
         """Queue `body` for Redis with the full TTL; never waits, never raises."""
-        if not self.up:
-            self.skipped += 1
-            return
-        if len(body) + len(meta) + HEADER.size > self.max_entry:
-            self.too_large += 1
-            return
-        value = encode_value(body, meta, stream, status, time.time() + self.ttl)
         try:
-            self.queue.put_nowait((f"{self.prefix}{key:032x}", value, int(self.ttl * 1000)))
-        except asyncio.QueueFull:
-            self.writes_dropped += 1
+            if not self.up:
+                self.skipped += 1
+                return
+            if len(body) + len(meta) + HEADER.size > self.max_entry:
+                self.too_large += 1
+                return
+            value = encode_value(body, meta, stream, status, time.time() + self.ttl)
+            try:
+                self.queue.put_nowait((f"{self.prefix}{key:032x}", value, int(self.ttl * 1000)))
+            except asyncio.QueueFull:
+                self.writes_dropped += 1
+        finally:
+            self.fleet_done(key)  # queued after the value: waiters see the answer before the lock goes
+
+    # -- fleet single-flight ------------------------------------------------------------------
+
+    async def fleet_wait(self, key: int) -> tuple[bytes, str] | None:
+        """With `cache.redis_lock_ms`: take the fleet's lock on `key` (None: compute it), or wait.
+
+        Another gateway holding the lock is computing the same answer: poll Redis for it (backing
+        off from 20 ms to 250 ms) until it appears (the answer, filling L1), the lock goes without
+        one (its holder failed) or `redis_lock_ms` passes; then None: compute it yourself.
+        """
+        if not self.lock_ms or not self.up:
+            return None
+        lock, name = f"{self.prefix}lock:{key:032x}", f"{self.prefix}{key:032x}"
+        try:
+            async with asyncio.timeout(self.timeout):
+                taken = await self.client.set(lock, self.token, nx=True, px=self.lock_ms)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._failed("lock", err)
+            return None
+        if taken:
+            self.locks += 1
+            self.held.add(key)
+            return None
+        self.lock_waits += 1
+        deadline = time.monotonic() + self.lock_ms / 1000.0
+        delay = 0.02
+        while self.up and time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+            try:
+                async with asyncio.timeout(self.timeout):
+                    async with self.client.pipeline(transaction=False) as pipe:
+                        pipe.get(name)
+                        pipe.exists(lock)
+                        value, still_locked = await pipe.execute()
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                self._failed("read", err)
+                return None
+            if value is not None:
+                hit = self._accept(key, name, value, False)
+                if hit is not None:
+                    self.lock_hits += 1
+                return hit
+            if not still_locked:
+                return None
+        return None
+
+    def fleet_done(self, key: int) -> None:
+        """This process finished computing `key` (stored or not): release its fleet lock."""
+        if key in self.held:
+            self.held.discard(key)
+            with contextlib.suppress(asyncio.QueueFull):  # else it expires after redis_lock_ms
+                self.queue.put_nowait((f"{self.prefix}lock:{key:032x}", None, 0))
 
     # -- failures -----------------------------------------------------------------------------
 
@@ -292,7 +360,10 @@ class RedisTier:
                 async with asyncio.timeout(self.slow_timeout):
                     async with self.client.pipeline(transaction=False) as pipe:
                         for name, value, ttl_ms in batch:
-                            pipe.set(name, value, px=ttl_ms)
+                            if value is None:
+                                pipe.delete(name)
+                            else:
+                                pipe.set(name, value, px=ttl_ms)
                         await pipe.execute()
             except asyncio.CancelledError:
                 raise
@@ -301,7 +372,7 @@ class RedisTier:
                 continue
             self.failures = 0
             self.last_ok = time.monotonic()
-            self.writes += len(batch)
+            self.writes += sum(1 for item in batch if item[1] is not None)
 
     async def _monitor(self) -> None:
         """Connect, reconnect while the circuit is open, and notice a Redis that died while idle."""
@@ -344,6 +415,9 @@ class RedisTier:
             "too_large": self.too_large,
             "corrupt": self.corrupt,
             "write_queue": self.queue.qsize(),
+            "locks": self.locks,
+            "lock_waits": self.lock_waits,
+            "lock_hits": self.lock_hits,
         }
 
     def prometheus(self) -> str:

@@ -114,7 +114,7 @@ class Proxy:
             ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
         try:
             if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
-                proto = self.guard.admit(headers, ex, proto)
+                proto = await self.guard.admit(headers, ex, proto)
             await self._pipeline(scope, proto, headers, ex)
         except GatewayError as err:
             self._error(proto, ex, err)
@@ -164,8 +164,10 @@ class Proxy:
             assert cache is not None
             ex.cache = "MISS"
             if not no_cache:
-                hit = cache.get(key)
-                if hit is None and self.shared is not None and key not in self.inflight:
+                # a stream keyed only to coalesce (cache.streaming off) is never stored: no lookup, no miss
+                stored = not facts.stream or self.cache_streams
+                hit = cache.get(key) if stored else None
+                if hit is None and stored and self.shared is not None and key not in self.inflight:
                     hit = await self.shared.get(key, facts.stream)  # the Redis tier; fills L1
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
@@ -183,6 +185,8 @@ class Proxy:
         if key is not None and not no_cache:
             leader = asyncio.get_running_loop().create_future()
             self.inflight[key] = leader
+            if self.shared is not None and await self._from_fleet(proto, key, leader, ex):
+                return
         try:
             lease, response = await self._forward(
                 proto, headers, pool, ex, buffer=True, cacheable=key is not None
@@ -192,6 +196,8 @@ class Proxy:
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
+            if self.shared is not None and key is not None:
+                self.shared.fleet_done(key)
             raise
         if key is not None and 200 <= answer.status < 300:
             assert cache is not None
@@ -199,6 +205,8 @@ class Proxy:
             cache.put(key, answer.body, meta)
             if self.shared is not None:
                 self.shared.put(key, answer.body, meta, False, answer.status)
+        elif self.shared is not None and key is not None:
+            self.shared.fleet_done(key)  # nothing to store: let the fleet's waiters go upstream
         if leader is not None:
             if self.inflight.get(key) is leader:  # type: ignore[arg-type]
                 del self.inflight[key]  # type: ignore[arg-type]
@@ -305,6 +313,25 @@ class Proxy:
                 raise  # this client left
             return False  # the leader's client left: make our own request
         ex.cache = "COALESCED"
+        self._respond_whole(proto, answer, ex)
+        return True
+
+    async def _from_fleet(self, proto: Any, key: int, leader: asyncio.Future[Answer], ex: Exchange) -> bool:
+        """Fleet single-flight (`cache.redis_lock_ms`): the answer another gateway computed, if any."""
+        assert self.shared is not None
+        try:
+            hit = await self.shared.fleet_wait(key)
+        except BaseException as exc:
+            self._release_waiters(key, leader, exc)
+            raise
+        if hit is None:
+            return False  # this process computes it (holding the lock, or done waiting)
+        if self.inflight.get(key) is leader:
+            del self.inflight[key]
+        answer = Answer(200, decode_meta(hit[1]), hit[0])
+        leader.set_result(answer)
+        ex.cache = "HIT"
+        self.metrics.model(ex.route.name, ex.model).cache_hits += 1
         self._respond_whole(proto, answer, ex)
         return True
 
@@ -429,6 +456,16 @@ class Proxy:
         if backend.breaker.on_failure(time.monotonic(), lease.probe):
             log.warning("circuit opened for backend %s", backend.key)
 
+    def _stream_broke(self, ex: Exchange, lease: Lease, response: UpstreamResponse, err: Exception) -> bool:
+        """Count a stream the backend broke after its headers; True when it is SSE (an error event fits)."""
+        backend = lease.backend
+        self.metrics.stream_errors += 1
+        backend.errors += 1  # the request itself was counted when its headers came
+        if backend.breaker.on_failure(time.monotonic(), lease.probe):
+            log.warning("circuit opened for backend %s", backend.key)
+        log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
+        return (header_value(response.headers, "content-type") or "").startswith("text/event-stream")
+
     def _note_usage(self, ex: Exchange, usage: Usage | None) -> int | None:
         """Count the answer's tokens for its model; answers the cached prompt tokens it reported."""
         if usage is None:
@@ -512,14 +549,8 @@ class Proxy:
                     if done:
                         log.debug("request %s: %s closed after [DONE]: %s", ex.request_id, backend.key, err)
                         break
-                    metrics.stream_errors += 1
-                    backend.errors += 1  # the request itself was counted when its headers came
-                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
-                        log.warning("circuit opened for backend %s", backend.key)
-                    log.warning("request %s: stream from %s broke: %s", ex.request_id, backend.key, err)
-                    if not left and (header_value(response.headers, "content-type") or "").startswith(
-                        "text/event-stream"
-                    ):
+                    sse = self._stream_broke(ex, lease, response, err)
+                    if not left and sse:
                         # the status line is gone: an in-band OpenAI error event tells the client the
                         # stream broke (the openai SDK raises APIError) instead of a quiet, truncated end
                         with contextlib.suppress(Exception):
@@ -650,14 +681,7 @@ class Proxy:
                     if done:
                         break
                     broken = True
-                    self.metrics.stream_errors += 1
-                    backend.errors += 1
-                    if backend.breaker.on_failure(time.monotonic(), lease.probe):
-                        log.warning("circuit opened for backend %s", backend.key)
-                    log.warning(
-                        "request %s: shared stream from %s broke: %s", ex.request_id, backend.key, err
-                    )
-                    if (header_value(response.headers, "content-type") or "").startswith("text/event-stream"):
+                    if self._stream_broke(ex, lease, response, err):
                         group.append(_stream_error_event(err))
                     break
             if tap is not None and (rest := tap.flush()):

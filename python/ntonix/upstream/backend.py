@@ -10,6 +10,7 @@ one health state, one breaker) however many model pools list it.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterable
 
 from ntonix.config import BackendConfig, CircuitBreakerConfig, parse_url
@@ -17,6 +18,7 @@ from ntonix.observe.histogram import Histogram
 from ntonix.upstream.breaker import CircuitBreaker
 
 _ids = itertools.count(1)
+log = logging.getLogger("ntonix.backends")
 
 
 def backend_key(config: BackendConfig) -> str:
@@ -65,6 +67,12 @@ class Backend:
         authority = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
         # Base URL every upstream path is appended to (a path prefix such as /openai is kept).
         self.url = f"{self.scheme}://{authority}{prefix}"
+        if prefix.endswith("/v1"):
+            log.warning(
+                "backend %s: its URL ends in /v1; requests go to %s/v1/... (give the base URL without /v1)",
+                self.key,
+                self.url,
+            )
         self.requests = 0
         self.errors = 0
         self.in_flight = 0

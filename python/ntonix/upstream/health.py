@@ -14,7 +14,8 @@ statuses always count: passive evidence only excuses slowness.
 
 Discovery: a backend without configured `models` has its `GET /v1/models` read
 on the same schedule; its list replaces what was known, and a backend whose
-list cannot be read becomes eligible for any model again. A change rebuilds the
+list cannot be read (an error status or a body that is not a model list) becomes eligible for any
+model again; a probe that merely times out keeps the list already known. A change rebuilds the
 model pools (`on_models_changed`). Kept apart from the passive circuit breaker
 (`breaker.py`) on purpose, as envoy keeps active checking apart from ejection.
 """
@@ -156,8 +157,8 @@ class HealthChecker:
                 models = frozenset(m.id for m in _decode_models(probe.body).data)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 models = None
-        elif probe.timed_out and self._busy(backend):
-            return False  # busy, not changed: keep what is known
+        elif probe.timed_out:
+            return False  # slow, not wrong: keep what is known (a flapping list would rebuild every pool)
         if models == backend.discovered_models:
             return False
         if models is None:
