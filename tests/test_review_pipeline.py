@@ -150,3 +150,34 @@ def test_a_client_gone_when_the_held_back_tail_is_sent_is_a_disconnect_not_a_gat
     assert backend.in_flight == 0
     assert proto.answers == []  # no error answer written over a stream already started
     assert proxy.metrics.client_disconnects == 1
+
+
+def test_the_backends_own_x_cache_does_not_duplicate_the_gateways() -> None:
+    from ntonix._core import ResponseCache
+
+    class Whole(Response):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.headers = [("content-type", "application/json"), ("x-cache", "HIT from varnish")]
+            self.body = b'{"choices": []}'
+
+    class Recording(Proto):
+        def response_bytes(self, status: int, headers: Any, body: bytes) -> None:
+            self.headers = list(headers)
+            super().response_bytes(status, headers, body)
+
+    settings = Settings()
+    backend = Backend(BackendConfig(host="127.0.0.1", port=9), settings.circuit_breaker)
+    registry = ModelRegistry([backend], {}, lambda: make_policy(settings.routing))
+    cache = ResponseCache(1 << 20, 60.0)
+    proxy = Proxy(settings, Forwarder(Whole()), cache, Metrics(), lambda: registry)  # type: ignore[arg-type]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    proto = Recording(body, None)
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+
+    async def go() -> None:
+        await proxy.handle(CHAT, Scope(headers), proto)
+        proxy.slow.close()
+
+    asyncio.run(go())
+    assert [v for n, v in proto.headers if n == "x-cache"] == ["MISS"]
