@@ -181,3 +181,70 @@ def test_the_backends_own_x_cache_does_not_duplicate_the_gateways() -> None:
 
     asyncio.run(go())
     assert [v for n, v in proto.headers if n == "x-cache"] == ["MISS"]
+
+
+def test_a_stored_gzip_answer_that_does_not_decompress_is_served_as_stored_not_a_500() -> None:
+    import gzip
+
+    from ntonix._core import ResponseCache
+
+    good = gzip.compress(bytes(range(256)) * 40)
+    corrupt = good[:10] + bytes([good[10] ^ 0xFF]) + good[11:]  # zlib.error, not OSError, on decompress
+
+    class Gzipped(Response):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.headers = [("content-type", "application/json"), ("content-encoding", "gzip")]
+            self.body = corrupt
+
+    settings = Settings()
+    backend = Backend(BackendConfig(host="127.0.0.1", port=9), settings.circuit_breaker)
+    registry = ModelRegistry([backend], {}, lambda: make_policy(settings.routing))
+    cache = ResponseCache(1 << 20, 60.0)
+    proxy = Proxy(settings, Forwarder(Gzipped()), cache, Metrics(), lambda: registry)  # type: ignore[arg-type]
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "gz"}]}).encode()
+    headers = {"content-type": "application/json", "content-length": str(len(body))}
+    first, second = Proto(body, None), Proto(body, None)
+
+    async def go() -> None:
+        await proxy.handle(CHAT, Scope({**headers, "accept-encoding": "gzip"}), first)
+        await proxy.handle(CHAT, Scope(headers), second)  # a hit for a client that cannot gunzip
+        proxy.slow.close()
+
+    asyncio.run(go())
+    assert first.answers == [(200, corrupt)]
+    assert second.answers == [(200, corrupt)]
+
+
+def test_embeddings_from_a_corrupt_gzip_body_are_a_502_not_a_500() -> None:
+    import gzip
+
+    from ntonix._core import ResponseCache
+    from ntonix.routes.spec import EMBEDDINGS
+
+    good = gzip.compress(bytes(range(256)) * 40)
+    corrupt = good[:10] + bytes([good[10] ^ 0xFF]) + good[11:]
+
+    class Gzipped(Response):
+        def __init__(self) -> None:
+            super().__init__([])
+            self.headers = [("content-type", "application/json"), ("content-encoding", "gzip")]
+            self.body = corrupt
+
+    settings = Settings()
+    backend = Backend(BackendConfig(host="127.0.0.1", port=9), settings.circuit_breaker)
+    registry = ModelRegistry([backend], {}, lambda: make_policy(settings.routing))
+    cache = ResponseCache(1 << 20, 60.0)
+    proxy = Proxy(settings, Forwarder(Gzipped()), cache, Metrics(), lambda: registry)  # type: ignore[arg-type]
+    body = json.dumps({"model": "m", "input": ["a", "b"]}).encode()
+    proto = Proto(body, None)
+    scope = Scope({"content-type": "application/json", "content-length": str(len(body))})
+    scope.path = EMBEDDINGS.path
+
+    async def go() -> None:
+        await proxy.handle(EMBEDDINGS, scope, proto)
+        proxy.slow.close()
+
+    asyncio.run(go())
+    assert [status for status, _ in proto.answers] == [502]
+    assert backend.in_flight == 0

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import zlib
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -284,7 +285,7 @@ class EmbeddingInputs:
         if (header_value(response.headers, "content-encoding") or "identity").lower() == "gzip":
             try:
                 body = gzip.decompress(body)
-            except (OSError, EOFError):
+            except (OSError, EOFError, zlib.error):  # zlib.error: a corrupt deflate stream, not OSError
                 raise GatewayError(502, "bad_gateway", "backend sent a corrupt gzip body") from None
         try:
             reply = _decode_reply(body)

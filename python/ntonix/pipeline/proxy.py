@@ -24,6 +24,7 @@ import contextlib
 import gzip
 import logging
 import time
+import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -292,7 +293,7 @@ class Proxy:
         out = decode_meta(meta)
         if len(out) > 1 and not _accepts(headers.get("accept-encoding"), out[1][1]):
             # stored as the backend compressed it; this client cannot decode that
-            with contextlib.suppress(OSError, EOFError):
+            with contextlib.suppress(OSError, EOFError, zlib.error):  # corrupt: served as it was stored
                 body = gzip.decompress(body) if out[1][1].lower() == "gzip" else body
                 out = out[:1]
         out += [("x-request-id", ex.request_id), ("x-cache", "HIT")]
