@@ -28,7 +28,7 @@ create_exception!(
     _core,
     UpstreamTimeoutError,
     UpstreamError,
-    "The backend did not answer in time (connect, first byte, idle between chunks or total)."
+    "The backend did not answer in time (first byte, idle between chunks or total); a connect timeout is an UpstreamConnectError, since nothing was sent."
 );
 create_exception!(
     _core,

@@ -1,7 +1,7 @@
 """NTONIX in front of two real llama-cpp-python servers (a tiny random GGUF model on CPU).
 
-SPEC §7 (endpoints) and §8 (url backends, models learnt from /v1/models, routing by
-model) checked against a real OpenAI-compatible server rather than the mock. Any
+The endpoints, url backends, models learnt from /v1/models and routing by model,
+checked against a real OpenAI-compatible server rather than the mock. Any
 failure here is an incompatibility with a real server; docs/real-servers.md lists
 what was found.
 """
@@ -86,7 +86,7 @@ def test_models_discovered(gw: Real) -> None:
 
 
 def test_backends_healthy_without_health_endpoint(gw: Real) -> None:
-    """The servers answer 404 at /health; the gateway must probe /v1/models instead (§7)."""
+    """The servers answer 404 at /health; the gateway must probe /v1/models instead."""
     ready = wait_for(lambda: httpx.get(gw.gateway.url + "/ready", timeout=2), 10, "/ready")
     assert ready.status_code == 200, ready.text
     metrics = httpx.get(gw.gateway.url + "/metrics", timeout=5).json()
@@ -175,7 +175,7 @@ def test_server_fact_list_input_embeddings_fail(real: Real) -> None:
     assert answer.status_code == 500 and "llama_decode" in answer.text, answer.text
 
 
-@pytest.mark.xfail(reason="needs the gateway's per-input embedding fan-out (SPEC §10)", strict=False)
+@pytest.mark.xfail(reason="needs the gateway to send a list input one item at a time", strict=False)
 def test_embeddings_list_input(gw: Real) -> None:
     body = {"model": MODEL_B, "input": ["one", "two", "three"]}
     answer = httpx.post(gw.gateway.url + "/v1/embeddings", json=body, timeout=60)
@@ -184,7 +184,7 @@ def test_embeddings_list_input(gw: Real) -> None:
 
 
 def test_client_request_id_kept(gw: Real) -> None:
-    """The answer carries the client's own id (§4), even one the real server would refuse."""
+    """The answer carries the client's own id, even one the real server would refuse."""
     for client_id in (str(uuid.uuid4()), "client-trace-42"):
         answer = httpx.post(
             gw.gateway.url + "/v1/completions",
@@ -347,7 +347,7 @@ def test_long_generation_keeps_backend_healthy_and_streaming(gw: Real) -> None:
     burst). So the gateway must neither probe a backend that is busy streaming, nor mark it down
     because a probe timed out."""
     rate = generation_rate(gw.a)
-    max_tokens = int(rate * 12)  # longer than 3 health intervals plus the probe timeout
+    max_tokens = min(int(rate * 10), 600)  # well over 3 health intervals plus the probe timeout
     states: list[bool] = []
     done = threading.Event()
 
