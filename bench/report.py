@@ -459,9 +459,9 @@ def chart(payload: dict[str, Any], path: Path) -> Path | None:
         parts = [
             f"{row['peer_label']} {row['case']} {row['metric']}: {_fmt(row['vs_router'])}x" for row in routers
         ]
-        lines = ["NTONIX / router: " + "; ".join(parts[i : i + 4]) for i in range(0, len(parts), 4)]
+        lines = ["NTONIX / router: " + "; ".join(parts[i : i + 3]) for i in range(0, len(parts), 3)]
         fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7)
-        fig.tight_layout(rect=(0, 0.012 * (len(lines) + 1), 1, 1))
+        fig.tight_layout(rect=(0, 0.011 * (len(lines) + 1), 1, 1))
     else:
         fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
