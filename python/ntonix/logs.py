@@ -16,8 +16,9 @@ Access lines are the one per-request cost, so they skip the logging module's per
 machinery (record, filters, handler locks, formatter) on the console: `log_access` formats the
 line itself (timestamp prefix cached per second) and writes it to the console stream in one
 `write` (measured on a loaded 2-core EPYC: ~10 µs against ~27-40 µs through `logging`). The
-rotating file, when set, still gets a record (rotation needs it). Any handler added to the `ntonix` loggers by someone else (a test's,
-a host application's) sends access lines back through `logging`, so nothing is lost.
+rotating file, when set, still gets a record (rotation needs it). Any handler added to the
+`ntonix` loggers by someone else (a test's, a host application's) sends access lines back
+through `logging`, so nothing is lost.
 """
 
 from __future__ import annotations
