@@ -396,7 +396,7 @@ def start_mock(procs: Procs, name: str, tokens: int, token_rate: float, threads:
     port = free_port()
     opts = ["--host", HOST, "--port", str(port), "--tokens", str(tokens)]
     opts += ["--token-rate", f"{token_rate:g}", "--threads", str(threads)]
-    # The model the bench requests name: the gateway routes by the models a backend lists.
+    # The gateway routes by model: the mock must list the model the benchmark asks for.
     opts += ["--model", "bench-model"]
     python = str(VENV_BIN / "python")
     candidates: list[tuple[str, list[str], dict[str, str]]] = []

@@ -45,6 +45,7 @@ import xxhash
 from ntonix.cache.policy import cache_key, request_digest
 from ntonix.cache.value import JSON, header_value
 from ntonix.errors import GatewayError
+from ntonix.pipeline.exchange import OWN_RESPONSE_HEADERS
 from ntonix.pipeline.usage import usage_of_body
 
 if TYPE_CHECKING:
@@ -275,7 +276,11 @@ class EmbeddingInputs:
         pool.release(ex, lease, proxy._note_usage(ex, usage_of_body(response)))
         body = response.body or b""
         if not 200 <= response.status < 300:  # passed through as it is; nothing stored
-            return (response.status, [h for h in response.headers if h[0] != "x-request-id"], body), None
+            return (
+                response.status,
+                [h for h in response.headers if h[0] not in OWN_RESPONSE_HEADERS],
+                body,
+            ), None
         if (header_value(response.headers, "content-encoding") or "identity").lower() == "gzip":
             try:
                 body = gzip.decompress(body)

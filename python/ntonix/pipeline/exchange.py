@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from ntonix.auth.keys import Principal
     from ntonix.routes.spec import RequestFacts, RouteSpec
 
+# Response headers the gateway owns: a backend's own (a Varnish or nginx cache in front of it sends
+# X-Cache) would go out beside the gateway's, two values for one header.
+OWN_RESPONSE_HEADERS = frozenset({"x-request-id", "x-cache"})
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _decode = msgspec.json.Decoder().decode
 

@@ -42,7 +42,7 @@ from ntonix.errors import (
 )
 from ntonix.limits.stream import UsageTap, ask_for_usage
 from ntonix.pipeline.embeddings import EmbeddingInputs
-from ntonix.pipeline.exchange import Exchange, client_request_id
+from ntonix.pipeline.exchange import OWN_RESPONSE_HEADERS, Exchange, client_request_id
 from ntonix.pipeline.fanout import LAG_BOUND_BYTES, StreamGroup
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
@@ -503,7 +503,12 @@ class Proxy:
         if ex.cache != "-":
             out.append(("x-cache", ex.cache))
         ex.status = response.status
-        transport = proto.response_stream(response.status, out)
+        try:
+            transport = proto.response_stream(response.status, out)
+        except BaseException:  # the answer cannot start (client gone): the lease and upstream go now
+            response.close()
+            pool.release(ex, lease)
+            raise
         metrics = self.metrics
         metrics.streams_active += 1
         left = False
@@ -558,7 +563,10 @@ class Proxy:
                     record = None
                     break
             if tap is not None and not left and (rest := tap.flush()):
-                await transport.send_bytes(rest)  # an event held back that never completed
+                try:
+                    await transport.send_bytes(rest)  # an event held back that never completed
+                except Exception:  # the client left: as in the loop above, not a gateway error
+                    left = True
         finally:
             self.slow.remove(response)
             metrics.streams_active -= 1
@@ -755,8 +763,8 @@ class Proxy:
 
 
 def _answer_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The backend's headers as the client gets them: its own request id replaced by ours."""
-    return [(name, value) for name, value in headers if name != "x-request-id"]
+    """The backend's headers as the client gets them: its request id and X-Cache replaced by ours."""
+    return [(name, value) for name, value in headers if name not in OWN_RESPONSE_HEADERS]
 
 
 def _accepts(accept_encoding: str | None, encoding: str) -> bool:
