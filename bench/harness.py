@@ -441,7 +441,9 @@ def start_ntonix(procs: Procs, name: str, backend_port: int, cache: bool) -> Sta
     path = procs.workdir / f"{name}.json"
     path.write_text(json.dumps(config, indent=2))
     cmd = [*cli, "run", "--config", str(path), "--port", str(port), "--backend", f"{HOST}:{backend_port}"]
-    cmd += ["--threads", "1", "--log-level", "warning"]
+    # The defaults a user runs (threads = cores, access log on, to stderr: the contestant's log file);
+    # only the application log level is lowered.
+    cmd += ["--log-level", "warning"]
     proc = procs.start(name, cmd)
     problem = wait_ready(proc, port, "/health", 30.0)
     if problem is not None:
@@ -454,8 +456,10 @@ def start_ntonix(procs: Procs, name: str, backend_port: int, cache: bool) -> Sta
 def start_hello(procs: Procs) -> Started:
     port = free_port()
     cmd = [str(VENV_BIN / "granian"), "--interface", "rsgi", "--host", HOST, "--port", str(port)]
-    # The same Granian settings the gateway uses (python/ntonix/server.py): HTTP/1 only, no websockets.
-    cmd += ["--workers", "1", "--runtime-threads", "1", "--http", "1", "--no-ws", "--backlog", "2048"]
+    # The same Granian settings the gateway uses by default (python/ntonix/server.py): HTTP/1 only, no
+    # websockets, runtime threads = cores.
+    threads = str(os.cpu_count() or 1)
+    cmd += ["--workers", "1", "--runtime-threads", threads, "--http", "1", "--no-ws", "--backlog", "2048"]
     cmd += ["--no-access-log", "--log-level", "warning", "--working-dir", str(BENCH), "hello:app"]
     proc = procs.start("granian-hello", cmd)
     problem = wait_ready(proc, port, "/health", 20.0)
@@ -463,6 +467,55 @@ def start_hello(procs: Procs) -> Started:
         procs.stop(proc)
         return Started(None, port, "granian hello", problem)
     return Started(proc, port, "granian hello")
+
+
+# The Rust routers a user would pick instead of NTONIX (PyPI wheels; the `bench` extra lists them):
+# (key, label, executable, policy). Started like bench/routing.py does, in front of the same backend.
+ROUTERS: tuple[tuple[str, str, str, str], ...] = (
+    ("sglang_rr", "sglang-router round_robin", "sglang-router", "round_robin"),
+    ("sglang_ca", "sglang-router cache_aware", "sglang-router", "cache_aware"),
+    ("vllm_rr", "vllm-router round_robin", "vllm-router", "round_robin"),
+    ("vllm_ca", "vllm-router cache_aware", "vllm-router", "cache_aware"),
+)
+
+
+def start_router(procs: Procs, name: str, exe: str, policy: str, backend_port: int) -> Started:
+    """sglang-router / vllm-router with one worker; ready once it answers a chat request with 200."""
+    port = free_port()
+    binary = VENV_BIN / exe
+    if not binary.exists():
+        return Started(None, port, exe, f"{binary} not installed (pip install {exe}, the `bench` extra)")
+    cmd = [str(binary), *(["launch"] if exe == "sglang-router" else []), "--host", HOST, "--port", str(port)]
+    cmd += ["--worker-urls", f"http://{HOST}:{backend_port}", "--policy", policy]
+    cmd += ["--prometheus-port", str(free_port()), "--health-check-interval-secs", "5"]
+    cmd += ["--log-level", "warn" if exe == "sglang-router" else "warning"]
+    proc = procs.start(name, cmd)
+    stop_at = time.monotonic() + 60.0
+    last = "no answer"
+    while time.monotonic() < stop_at:
+        if not proc.alive():
+            last = f"exited with {proc.popen.returncode}: {proc.log_tail(5)}"
+            break
+        try:
+            status, _, _ = http_call(port, "/v1/chat/completions", "POST", CHAT_REQUEST, timeout=2.0)
+            if status == 200:
+                return Started(proc, port, f"{exe} --policy {policy}")
+            last = f"POST answered {status}"
+        except OSError as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(0.2)
+    procs.stop(proc)
+    problem = f"not ready ({last}): {proc.log_tail(3)}"
+    log(f"{name}: NOT AVAILABLE ({problem})")
+    return Started(None, port, exe, problem)
+
+
+def start_routers(procs: Procs, tag: str, backend_port: int) -> list[tuple[Contestant, Started]]:
+    out = []
+    for key, label, exe, policy in ROUTERS:
+        started = start_router(procs, f"{key}-{tag}", exe, policy, backend_port)
+        out.append((Contestant(key, label, started.port, problem=started.problem), started))
+    return out
 
 
 # --------------------------------------------------------------------------- wrk
@@ -864,6 +917,8 @@ def run(mode: Mode, out_dir: Path, procs: Procs, phases: set[str]) -> int:
         Contestant("ntonix_hit", "NTONIX cache hit", hit.port, problem=hit.problem),
         Contestant("granian_hello", "Granian RSGI hello", hello.port, problem=hello.problem),
     ]
+    routers = start_routers(procs, "miss", backend_port) if "throughput" in phases else []
+    contestants += [c for c, _ in routers]
     by_key = {c.key: c for c in contestants}
     # Prime both caches so the checks and the hit runs see hits from the first request.
     for key in ("nginx_cache", "ntonix_hit"):
@@ -874,7 +929,7 @@ def run(mode: Mode, out_dir: Path, procs: Procs, phases: set[str]) -> int:
     check_bodies(res, procs.workdir, by_key)
     if "throughput" in phases:
         throughput_phase(res, mode, procs, contestants)
-    for started in (hello, miss, hit):
+    for started in (hello, miss, hit, *(s for _, s in routers)):
         if started.proc is not None:
             procs.stop(started.proc)
 
@@ -885,9 +940,12 @@ def run(mode: Mode, out_dir: Path, procs: Procs, phases: set[str]) -> int:
             Contestant("nginx", "nginx proxy_pass (unbuffered)", ports["stream"]),
             Contestant("ntonix", "NTONIX", gateway.port, problem=gateway.problem),
         ]
+        stream_routers = start_routers(procs, "stream", mock.port)
+        targets += [c for c, _ in stream_routers]
         streaming_phase(res, mode, procs, targets)
-        if gateway.proc is not None:
-            procs.stop(gateway.proc)
+        for started in (gateway, *(s for _, s in stream_routers)):
+            if started.proc is not None:
+                procs.stop(started.proc)
     if "memory" in phases:
         memory_phase(res, mode, procs, nofile)
 

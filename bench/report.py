@@ -27,6 +27,18 @@ THROUGHPUT_METRICS: tuple[tuple[str, str], ...] = (
     ("p50_ms", "p50 ms"),
     ("p99_ms", "p99 ms"),
 )
+# The Rust routers NTONIX is compared with on the miss and streaming paths (bench/harness.py ROUTERS).
+ROUTER_PEERS: tuple[tuple[str, str], ...] = (
+    ("sglang_rr", "sglang-router round_robin"),
+    ("sglang_ca", "sglang-router cache_aware"),
+    ("vllm_rr", "vllm-router round_robin"),
+    ("vllm_ca", "vllm-router cache_aware"),
+)
+ROUTER_THROUGHPUT_METRICS: tuple[tuple[str, str], ...] = (("rps", "req/s"), ("p99_ms", "p99 ms"))
+ROUTER_STREAM_METRICS: tuple[tuple[str, str], ...] = (
+    ("ttft_p50_ms", "TTFT p50 ms"),
+    ("ttft_p99_ms", "TTFT p99 ms"),
+)
 STREAM_METRICS: tuple[tuple[str, str], ...] = (
     ("ttft_p50_ms", "TTFT p50 ms"),
     ("ttft_p99_ms", "TTFT p99 ms"),
@@ -103,6 +115,7 @@ def ratios(
                 "added_vs_direct": None if value is None or direct is None else value - direct,
             }
         )
+    rows += router_ratios(throughput, streaming, connections)
     counts = sorted({k for entry in memory.values() for k in entry if k.isdigit()}, key=int)
     mem_rows: list[tuple[str, str, list[str]]] = [("idle", "RSS MiB", ["idle_kb"])] if memory else []
     mem_rows += [(f"{n} open streams", "RSS MiB", [n, "rss_all_open_kb"]) for n in counts]
@@ -128,6 +141,50 @@ def ratios(
                 "note": note,
             }
         )
+    return rows
+
+
+def router_ratios(
+    throughput: dict[str, Any], streaming: dict[str, Any], connections: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """NTONIX / each router (section "routers"): miss req/s and p99 per connection count, stream TTFT."""
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        case: str, label: str, value: float | None, peer: str, peer_label: str, other: float | None
+    ) -> None:
+        rows.append(
+            {
+                "section": "routers",
+                "case": case,
+                "metric": label,
+                "subject": "ntonix_miss" if case.startswith("miss") else "ntonix",
+                "peer": peer,
+                "peer_label": peer_label,
+                "ntonix": value,
+                "router": other,
+                "vs_router": _ratio(value, other),
+                "nginx": None,
+                "direct": None,
+                "vs_nginx": None,
+                "vs_direct": None,
+            }
+        )
+
+    for conns in connections if throughput else ():
+        c = str(conns)
+        for peer, peer_label in ROUTER_PEERS:
+            if peer not in throughput:
+                continue
+            for metric, label in ROUTER_THROUGHPUT_METRICS:
+                value = _get(throughput, "ntonix_miss", c, metric)
+                row(f"miss @{conns}", label, value, peer, peer_label, _get(throughput, peer, c, metric))
+    for peer, peer_label in ROUTER_PEERS if streaming else ():
+        if peer not in streaming:
+            continue
+        for metric, label in ROUTER_STREAM_METRICS:
+            value = _get(streaming, "ntonix", metric)
+            row("stream, 1 conn", label, value, peer, peer_label, _get(streaming, peer, metric))
     return rows
 
 
@@ -208,12 +265,24 @@ def table(payload: dict[str, Any]) -> str:
         f"{'/nginx':>8}{'/direct':>9}{'/granian':>9}"
     )
     for row in payload["ratios"]:
+        if row["section"] == "routers":
+            continue
         shown = _fmt(row["ntonix"]) if row["ntonix"] is not None else (row.get("note") or NA)
         out.append(
             f"{row['section']:<11}{row['case']:<34}{row['metric']:<15}{shown:>10}{_fmt(row['nginx']):>10}"
             f"{_fmt(row['direct']):>10}{_fmt(row['vs_nginx']):>8}{_fmt(row['vs_direct']):>9}"
             f"{_fmt(row.get('vs_granian')):>9}"
         )
+    routers = [row for row in payload["ratios"] if row["section"] == "routers"]
+    if routers:
+        out.append("\nRatios vs the Rust routers (NTONIX / router, same backend, same pinning)")
+        out.append(f"{'case':<17}{'metric':<14}{'router':<28}{'NTONIX':>10}{'router':>10}{'/router':>9}")
+        for row in routers:
+            shown = _fmt(row["router"]) if row["router"] is not None else NA
+            out.append(
+                f"{row['case']:<17}{row['metric']:<14}{row['peer_label']:<28}{_fmt(row['ntonix']):>10}"
+                f"{shown:>10}{_fmt(row['vs_router']):>9}"
+            )
     failed = failures(payload)
     if payload["unavailable"]:
         out.append(
@@ -260,7 +329,7 @@ def chart(payload: dict[str, Any], path: Path) -> Path | None:
     meta = payload["meta"]
     conns = [str(c) for c in meta.get("connections", [])]
     tp = payload["throughput"]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
     colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"]
     labels = [entry["label"] for entry in tp.values()]
     ypos = list(range(len(labels)))
@@ -385,7 +454,16 @@ def chart(payload: dict[str, Any], path: Path) -> Path | None:
     if noise > 20:
         title += f"\nshared machine: other processes used up to {noise:.0f}% of a core during runs"
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    routers = [row for row in payload.get("ratios", []) if row["section"] == "routers"]
+    if routers:
+        parts = [
+            f"{row['peer_label']} {row['case']} {row['metric']}: {_fmt(row['vs_router'])}x" for row in routers
+        ]
+        lines = ["NTONIX / router: " + "; ".join(parts[i : i + 3]) for i in range(0, len(parts), 3)]
+        fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7)
+        fig.tight_layout(rect=(0, 0.011 * (len(lines) + 1), 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -453,7 +531,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in payload["ratios"]:
-        if row.get("subject") == "granian_hello":
+        if row.get("subject") == "granian_hello" or row["section"] == "routers":
             continue
         shown = _fmt(row["ntonix"]) if row["ntonix"] is not None else (row.get("note") or NA)
         out.append(
@@ -461,6 +539,19 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{_fmt(row['direct'])} | {_fmt(row['vs_nginx'])} | {_fmt(row['vs_direct'])} | "
             f"{_fmt(row.get('vs_granian'))} |"
         )
+    routers = [row for row in payload["ratios"] if row["section"] == "routers"]
+    if routers:
+        out += [
+            "",
+            "| vs router | case | metric | NTONIX | router | NTONIX/router |",
+            "| --- | --- | --- | ---: | ---: | ---: |",
+        ]
+        for row in routers:
+            shown = _fmt(row["router"]) if row["router"] is not None else NA
+            out.append(
+                f"| {row['peer_label']} | {row['case']} | {row['metric']} | {_fmt(row['ntonix'])} | "
+                f"{shown} | {_fmt(row['vs_router'])} |"
+            )
     failed = failures(payload)
     out += ["", "Checks: " + ("all passed." if not failed else "FAILED: " + "; ".join(failed))]
     return "\n".join(out)

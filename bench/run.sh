@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# NTONIX benchmarks: `make bench` (full, ~15 min) or `BENCH_QUICK=1 make bench` (smoke, ~2 min).
-# Installs nginx, wrk and matplotlib when missing, then runs bench/harness.py pinned to
-# core 1 (it pins every server to core 0). Every process started here or by the harness
+# NTONIX benchmarks: `make bench` (full, ~15 min) or `BENCH_QUICK=1 make bench` (smoke, ~4 min).
+# Installs nginx, wrk, matplotlib, sglang-router and vllm-router when missing, then runs
+# bench/harness.py pinned to core 1 (it pins every server to core 0). Every process started here or by the harness
 # is killed by PID (process group) when this script exits, however it exits.
 set -euo pipefail
 
@@ -31,6 +31,14 @@ if ! "$PY" -c 'import matplotlib' >/dev/null 2>&1; then
     echo "[bench] installing matplotlib into .venv"
     "$VENV/bin/pip" install --quiet "matplotlib>=3.8" || echo "[bench] matplotlib unavailable: no chart"
 fi
+# The Rust routers NTONIX is compared with (the `bench` extra); their rows say NOT AVAILABLE without them.
+for spec in "sglang-router>=0.3" "vllm-router>=0.1.17"; do
+    router="${spec%%>=*}"
+    if [[ ! -x "$VENV/bin/$router" ]]; then
+        echo "[bench] installing $router into .venv"
+        "$VENV/bin/pip" install --quiet "$spec" || echo "[bench] $router unavailable: its rows are skipped"
+    fi
+done
 
 # Up to 10,000 streams through a proxy need ~2 fds each on the proxy: take the hard limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

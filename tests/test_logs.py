@@ -179,3 +179,78 @@ def test_unopenable_log_file(tmp_path: Path) -> None:
 def test_log_access_is_a_no_op_when_disabled() -> None:
     setup_logging(LoggingConfig(enable_console=False, access_log=False))
     log_access("r6", **ACCESS_ARGS)  # nothing installed to receive it, nothing raised
+
+
+ACCESS_TEXT = (
+    rf"{TS} INFO ntonix\.access: access id=r7 method=POST path=/v1/chat/completions "
+    r"backend=127\.0\.0\.1:8001 model=- status=200 cache=MISS bytes=612 latency_ms=1\.23 ttfb_ms=0\.80"
+)
+
+
+def test_console_access_line_written_directly(capsys: pytest.CaptureFixture[str]) -> None:
+    """The console fast path (no LogRecord) writes the same line the formatter would."""
+    setup_logging(LoggingConfig(enable_colors=False))
+    log_access("r7", **ACCESS_ARGS)
+    log_access('x"\n', **{**ACCESS_ARGS, "ttfb_ms": None, "backend": ""}, model="m", key="team a")
+    first, second = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(ACCESS_TEXT, first)
+    assert ' id="x\\"\\n" ' in second and " backend=- model=m " in second
+    assert second.endswith('ttfb_ms=- key="team a"')
+
+
+def test_console_access_json_and_colours(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup_logging(LoggingConfig(format="json"))
+    log_access("r8", **ACCESS_ARGS, key="k1")
+    obj = json.loads(capsys.readouterr().err)
+    assert re.fullmatch(TS, obj.pop("ts"))
+    assert obj == {
+        "level": "INFO",
+        "logger": "ntonix.access",
+        "msg": "access",
+        "id": "r8",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "backend": "127.0.0.1:8001",
+        "model": None,
+        "status": 200,
+        "cache": "MISS",
+        "bytes": 612,
+        "latency_ms": 1.23,
+        "ttfb_ms": 0.8,
+        "key": "k1",
+    }
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    setup_logging(LoggingConfig())
+    log_access("r9", **ACCESS_ARGS)
+    assert "\x1b[32mINFO\x1b[0m ntonix.access: access id=r9 " in capsys.readouterr().err
+
+
+def test_console_and_file_both_get_access_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    setup_logging(LoggingConfig(file=str(tmp_path / "ntonix.log"), enable_colors=False))
+    log_access("r7", **ACCESS_ARGS)
+    assert re.fullmatch(ACCESS_TEXT, capsys.readouterr().err.strip())
+    assert [re.fullmatch(ACCESS_TEXT, line) is not None for line in lines(tmp_path / "ntonix.log")] == [True]
+
+
+def test_foreign_handler_still_sees_access_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    """A handler added after setup (a host application's, caplog-like) gets records, not the fast path."""
+    setup_logging(LoggingConfig(enable_colors=False))
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    keep = Keep()
+    logging.getLogger("ntonix.access").addHandler(keep)
+    try:
+        log_access("r7", **ACCESS_ARGS)
+    finally:
+        logging.getLogger("ntonix.access").removeHandler(keep)
+    assert [r.getMessage() for r in seen] == ["access"]
+    assert re.fullmatch(ACCESS_TEXT, capsys.readouterr().err.strip())  # the console still got it once
+    logging.getLogger("ntonix.access").setLevel(logging.CRITICAL)
+    log_access("r10", **ACCESS_ARGS)  # switched off behind setup_logging's back: nothing written
+    assert capsys.readouterr().err == ""

