@@ -46,6 +46,7 @@ class Backend:
         "in_flight",
         "key",
         "last_progress",
+        "last_sent",
         "latency",
         "latency_total_ms",
         "port",
@@ -84,6 +85,8 @@ class Backend:
         self.latency = Histogram()
         # Monotonic time of the last sign of life on real traffic (an answer, a stream chunk).
         self.last_progress = 0.0
+        # Monotonic time the latest request was placed on it (prefill can be long before any byte).
+        self.last_sent = 0.0
         self.discovered_models: frozenset[str] | None = None
         self.configure(config)
 

@@ -7,8 +7,8 @@ backend whose default health path answers 404 (llama-cpp-python has none) is
 probed at `GET /v1/models` from then on, logged once.
 
 Rule for busy servers: a backend that is visibly making progress on real
-traffic (requests in flight and an answer or a stream chunk within the last
-interval plus timeout) is not probed at all (a probe would cut a single-slot
+traffic (requests in flight, and a request sent or an answer or stream chunk
+received within the last interval plus timeout) is not probed at all (a probe would cut a single-slot
 server's running stream short or wait behind it), and a probe that *times out*
 while it is busy does not count against it; a single-slot server busy
 generating is slow to answer a probe, not down. Refused connections and error
@@ -156,7 +156,8 @@ class HealthChecker:
     def _busy(self, backend: Backend) -> bool:
         """Visible progress on real traffic within the last interval plus timeout."""
         window = self.config.interval_seconds + self.config.timeout_seconds
-        return backend.in_flight > 0 and time.monotonic() - backend.last_progress < window
+        recent = max(backend.last_progress, backend.last_sent)
+        return backend.in_flight > 0 and time.monotonic() - recent < window
 
     def _learn_models(self, backend: Backend, probe: _Probe) -> bool:
         models: frozenset[str] | None = None

@@ -59,6 +59,7 @@ class BackendPool:
         if probe:
             log.info("circuit half-open for backend %s: one probe request goes through", backend.key)
         backend.in_flight += 1
+        backend.last_sent = now
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "picked %s for model %s (%s over %d candidate(s), in flight %d)",
