@@ -6,11 +6,12 @@ flips after the configured number of consecutive failures or successes. A
 backend whose default health path answers 404 (llama-cpp-python has none) is
 probed at `GET /v1/models` from then on, logged once.
 
-Rule for busy servers: a backend that is visibly making progress on real
-traffic (requests in flight, and a request sent or an answer or stream chunk
-received within the last interval plus timeout) is not probed at all (a probe would cut a single-slot
-server's running stream short or wait behind it), and a probe that *times out*
-while it is busy does not count against it; a single-slot server busy
+Rule for busy servers: a backend with requests in flight is not probed at all:
+on a single-slot server (llama-cpp-python) a probe cuts the running stream short
+or waits behind it, and a hung request is judged by its own timeouts and the
+circuit breaker. A probe that *times out* while the backend is visibly making
+progress (an answer or chunk within the last interval plus timeout) does not
+count against it; a single-slot server busy
 generating is slow to answer a probe, not down. Refused connections and error
 statuses always count: passive evidence only excuses slowness.
 
@@ -111,7 +112,7 @@ class HealthChecker:
 
     async def check(self, backend: Backend) -> bool:
         """Probe one backend once and apply the thresholds; True when its model list changed."""
-        if self._busy(backend):
+        if backend.in_flight > 0:
             # Passive evidence first: a backend answering real traffic right now is alive, and on a
             # single-slot server (llama-cpp-python) a probe would cut the running stream short or
             # wait behind it. Probing resumes once it is idle or stops making progress.
