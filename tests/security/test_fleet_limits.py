@@ -7,15 +7,11 @@ import hashlib
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import Proc, Processes, wait_for
 from tests.security.conftest import ADMIN, MODEL, chat
-from tests.test_redis_tier import REDIS_SERVER, RedisServer, redis_server
+from tests.test_redis_tier import RedisServer, redis_server
 
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server is not installed (make redis-deps)"
-)
 __all__ = ["redis_server"]  # the fixture, used by name
 
 KEY = "sk-fleet-Rt5Hw"
