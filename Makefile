@@ -47,6 +47,7 @@ test: build lint test-rust test-python
 test-rust: build
 	@echo "==> Rust tests (cargo test compiles a debug build first: about 2 minutes the first time)"
 	cargo test --quiet --all-targets
+	cargo test --quiet --manifest-path bench/streamload/Cargo.toml --target-dir target/streamload
 
 # Debian's Chromium and its driver for the dashboard's browser tests (tests/test_dashboard.py).
 browser-deps:
@@ -70,6 +71,8 @@ lint-rust:
 	@echo "==> Rust lints (clippy checks every target: about a minute the first time)"
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
+	cargo fmt --check --manifest-path bench/streamload/Cargo.toml
+	cargo clippy --quiet --all-targets --manifest-path bench/streamload/Cargo.toml --target-dir target/streamload -- -D warnings
 
 lint-python: build
 	$(VENV)/bin/ruff check python tests bench mock
@@ -79,6 +82,7 @@ lint-python: build
 
 fmt: venv
 	cargo fmt
+	cargo fmt --manifest-path bench/streamload/Cargo.toml
 	$(VENV)/bin/ruff format python tests bench mock
 	$(VENV)/bin/ruff check --fix python tests bench mock
 
