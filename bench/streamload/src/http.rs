@@ -191,10 +191,6 @@ pub struct ResponseDecoder {
 }
 
 impl ResponseDecoder {
-    pub fn headers_done(&self) -> bool {
-        self.framing.is_some()
-    }
-
     /// Feed bytes from the socket; decoded body bytes are appended to `out`.
     pub fn feed(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> Result<(), String> {
         if self.framing.is_none() {

@@ -34,6 +34,7 @@ struct Ctx {
     tokens: usize,
     model: String,
     epoch: Instant,
+    debug: bool,
     sendlog: Mutex<HashMap<u64, Vec<u64>>>,
     streams: mpsc::UnboundedSender<Active>,
 }
@@ -71,6 +72,7 @@ pub async fn run(opts: ServeOpts) -> Result<(), String> {
         tokens: opts.tokens,
         model: opts.model,
         epoch: Instant::now(),
+        debug: std::env::var_os("STREAMLOAD_DEBUG").is_some(),
         sendlog: Mutex::new(HashMap::new()),
         streams: tx,
     });
@@ -241,6 +243,14 @@ async fn connection(stream: TcpStream, ctx: Arc<Ctx>) {
         };
         let close = req.close;
         let path = req.path.split('?').next().unwrap_or("");
+        if ctx.debug {
+            eprintln!(
+                "{} {} {}",
+                req.method,
+                req.path,
+                String::from_utf8_lossy(&req.body)
+            );
+        }
         let answer = match (req.method.as_str(), path) {
             ("GET", "/health") => {
                 response("200 OK", "application/json", b"{\"status\":\"ok\"}", close)

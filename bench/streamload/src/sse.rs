@@ -49,7 +49,6 @@ pub fn chunk(payload: &[u8], last: bool) -> Vec<u8> {
 
 /// Pre-framed chunks for streams of up to `max_tokens` tokens.
 pub struct Frames {
-    pub max_tokens: usize,
     tokens: Vec<Vec<u8>>,
     last: Vec<u8>,
 }
@@ -60,7 +59,6 @@ impl Frames {
             .map(|k| chunk(&token_event(model, k), false))
             .collect();
         Frames {
-            max_tokens,
             tokens,
             last: chunk(&final_events(model), true),
         }
@@ -115,12 +113,12 @@ pub fn wants_stream(body: &[u8]) -> bool {
     json_scalar(body, b"stream") == Some(b"true".as_slice())
 }
 
-/// `max_tokens` of a chat request, if it is a plain integer.
+/// The length a chat request asks for: `max_completion_tokens` (sglang-router rewrites `max_tokens`
+/// to it), else `max_tokens`, if it is a plain integer.
 pub fn max_tokens(body: &[u8]) -> Option<usize> {
-    std::str::from_utf8(json_scalar(body, b"max_tokens")?)
-        .ok()?
-        .parse()
-        .ok()
+    let value =
+        json_scalar(body, b"max_completion_tokens").or_else(|| json_scalar(body, b"max_tokens"))?;
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// The stream id the load client puts in the prompt (`sl-<id>-`), so the mock can report its send times.

@@ -74,14 +74,14 @@ mod tests {
         let arrivals = [2 * ms, 52 * ms, 110 * ms, 152 * ms];
         let mut out = Vec::new();
         assert_eq!(added_delays(&arrivals, &sends, 0, u64::MAX, &mut out), 4);
-        assert_eq!(out, vec![0, 8 * ms as i64, -7 * ms as i64]);
+        assert_eq!(out, vec![0, 7 * ms as i64, -7 * ms as i64]);
         out.clear();
         // Only gaps ending in [60, 200] ms count; frame 1 (52 ms) is outside.
         assert_eq!(
             added_delays(&arrivals, &sends, 60 * ms, 200 * ms, &mut out),
             2
         );
-        assert_eq!(out, vec![8 * ms as i64, -7 * ms as i64]);
+        assert_eq!(out, vec![7 * ms as i64, -7 * ms as i64]);
         let mut late = Vec::new();
         lateness(&sends, 50 * ms, &mut late);
         assert_eq!(late, vec![0, ms as i64, 0]);
