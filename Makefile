@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUST_SRC := $(shell find rust benches -name '*.rs' 2>/dev/null) Cargo.toml
 PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build browser-deps redis-deps test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
+.PHONY: all venv build browser-deps redis-deps test test-rust test-python test-under-load lint lint-rust lint-python fmt demo bench wheel clean
 
 all: build
 
@@ -64,6 +64,10 @@ redis-deps:
 test-python: build browser-deps redis-deps
 	@echo "==> Python tests (a few minutes: real gateway and mock processes)"
 	$(PY) -m pytest -q
+
+# Issue 9's proof: `make test` three times in a row with one core kept busy (RUNS=, LOAD_CORES=).
+test-under-load: build
+	@bash .ci/under-load.sh
 
 lint: lint-rust lint-python
 
