@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUST_SRC := $(shell find rust benches -name '*.rs' 2>/dev/null) Cargo.toml
 PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build browser-deps redis-deps test test-rust test-python lint lint-rust lint-python fmt demo bench wheel clean
+.PHONY: all venv build browser-deps redis-deps test test-rust test-python test-under-load lint lint-rust lint-python fmt demo bench wheel clean
 
 all: build
 
@@ -47,6 +47,7 @@ test: build lint test-rust test-python
 test-rust: build
 	@echo "==> Rust tests (cargo test compiles a debug build first: about 2 minutes the first time)"
 	cargo test --quiet --all-targets
+	cargo test --quiet --manifest-path bench/streamload/Cargo.toml --target-dir target/streamload
 
 # Debian's Chromium and its driver for the dashboard's browser tests (tests/test_dashboard.py).
 browser-deps:
@@ -64,12 +65,18 @@ test-python: build browser-deps redis-deps
 	@echo "==> Python tests (a few minutes: real gateway and mock processes)"
 	$(PY) -m pytest -q
 
+# Issue 9's proof: `make test` three times in a row with one core kept busy (RUNS=, LOAD_CORES=).
+test-under-load: build
+	@bash .ci/under-load.sh
+
 lint: lint-rust lint-python
 
 lint-rust:
 	@echo "==> Rust lints (clippy checks every target: about a minute the first time)"
 	cargo fmt --check
 	cargo clippy --quiet --all-targets -- -D warnings
+	cargo fmt --check --manifest-path bench/streamload/Cargo.toml
+	cargo clippy --quiet --all-targets --manifest-path bench/streamload/Cargo.toml --target-dir target/streamload -- -D warnings
 
 lint-python: build
 	$(VENV)/bin/ruff check python tests bench mock
@@ -79,6 +86,7 @@ lint-python: build
 
 fmt: venv
 	cargo fmt
+	cargo fmt --manifest-path bench/streamload/Cargo.toml
 	$(VENV)/bin/ruff format python tests bench mock
 	$(VENV)/bin/ruff check --fix python tests bench mock
 

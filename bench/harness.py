@@ -39,6 +39,7 @@ from typing import Any
 
 import clients
 import report
+import stream_load
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -574,6 +575,7 @@ class Results:
     throughput: dict[str, Any] = field(default_factory=dict)
     streaming: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
+    stream_load: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, Any] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     ratios: list[dict[str, Any]] = field(default_factory=list)
@@ -831,6 +833,205 @@ def memory_phase(res: Results, mode: Mode, procs: Procs, nofile: int) -> None:
                     procs.stop(mock.proc)
 
 
+@dataclass(frozen=True)
+class SloadSettings:
+    """Knobs of the `stream_load` phase (bench/README.md, "Streaming under load")."""
+
+    streams: int
+    seconds: float
+    rate: float
+    probes: int
+    cap_seconds: float
+    cap_trials: int
+    cap_max: int
+    cap_threshold_ms: float
+    reps: int
+
+    @staticmethod
+    def from_env(quick: bool) -> SloadSettings:
+        env = os.environ.get
+        return SloadSettings(
+            streams=int(env("BENCH_SLOAD_STREAMS", "1000")),
+            seconds=float(env("BENCH_SLOAD_SECONDS", "10" if quick else "30")),
+            rate=float(env("BENCH_SLOAD_RATE", "20")),
+            probes=int(env("BENCH_SLOAD_PROBES", "20" if quick else "50")),
+            cap_seconds=float(env("BENCH_SLOAD_CAP_SECONDS", "5" if quick else "10")),
+            cap_trials=int(env("BENCH_SLOAD_CAP_TRIALS", "4" if quick else "6")),
+            cap_max=int(env("BENCH_SLOAD_CAP_MAX", "8000")),
+            cap_threshold_ms=float(env("BENCH_SLOAD_CAP_MS", "10")),
+            reps=max(1, int(env("BENCH_SLOAD_REPS", "1"))),
+        )
+
+    def tokens(self, seconds: float) -> int:
+        return max(1, round(seconds * self.rate))
+
+
+def streamload_binary() -> Path | None:
+    path = Path(
+        os.environ.get("BENCH_STREAMLOAD") or ROOT / "target" / "streamload" / "release" / "streamload"
+    )
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def stream_load_phase(res: Results, mode: Mode, procs: Procs, nofile: int) -> None:
+    """Issue 16 item 2: many paced streams at once through each proxy; then NTONIX's and nginx's capacity."""
+    s = SloadSettings.from_env(mode.quick)
+    tool = streamload_binary()
+    if tool is None:
+        res.unavailable["stream_load"] = (
+            "bench/streamload not built (bench/run.sh builds it: cargo build --release "
+            "--manifest-path bench/streamload/Cargo.toml --target-dir target/streamload)"
+        )
+        log(f"stream_load: NOT AVAILABLE ({res.unavailable['stream_load']})")
+        return
+    tokens, cap_tokens = s.tokens(s.seconds), s.tokens(s.cap_seconds)
+    # A proxy holds two sockets per stream: the fd limit caps the search.
+    cap_high = min(s.cap_max, max(100, (nofile - 512) // 2))
+    mock_port = free_port()
+    serve = [str(tool), "serve", "--host", HOST, "--port", str(mock_port), "--rate", f"{s.rate:g}"]
+    serve += ["--tokens", str(max(tokens, cap_tokens)), "--model", "bench-model"]
+    mock = procs.start("sload-mock", serve)
+    problem = wait_ready(mock, mock_port, "/health", 15.0)
+    if problem is not None:
+        res.unavailable["stream_load"] = f"streamload serve did not start: {problem}"
+        procs.stop(mock)
+        return
+    stream_port = free_port()
+    nginx = start_nginx(
+        procs,
+        "proxy-sload",
+        nofile,
+        stream_port,
+        worker_connections=2 * cap_high * 17 // 15 + 512,
+        backend_port=mock_port,
+        mock_port=mock_port,
+        proxy_port=free_port(),
+        cache_port=free_port(),
+        stream_port=stream_port,
+    )
+    gateway = start_ntonix(procs, "ntonix-sload", mock_port, cache=False)
+    routers = [
+        (key, label, start_router(procs, f"{key}-sload", exe, policy, mock_port))
+        for key, label, exe, policy in ROUTERS
+        if policy == "round_robin"
+    ]
+    targets: list[tuple[str, str, int, Proc | None, str | None]] = [
+        ("direct", "direct (streamload mock)", mock_port, None, None),
+        ("nginx", "nginx proxy_pass (unbuffered)", stream_port, nginx, None),
+        ("ntonix", "NTONIX (cache off)", gateway.port, gateway.proc, gateway.problem),
+        *((key, label, st.port, st.proc, st.problem) for key, label, st in routers),
+    ]
+    mock_pids = process_tree(mock.pid)
+    out: dict[str, Any] = {
+        "settings": {
+            **asdict(s),
+            "tokens": tokens,
+            "cap_tokens": cap_tokens,
+            "cap_high": cap_high,
+            "mock": "bench/streamload serve (one timer tick writes every due chunk; send times via /sendlog)",
+            "client": "bench/streamload load, pinned to core 1",
+            "ntonix_cache": "off (cache.enabled=false): every stream reaches the mock",
+        },
+        "contestants": {},
+        "capacity": {},
+    }
+    res.stream_load = out
+
+    def load(
+        key: str, port: int, server: Proc | None, streams: int, toks: int, probes: int, tag: str
+    ) -> dict[str, Any]:
+        cmd = [str(tool), "load", "--host", HOST, "--port", str(port), "--mock-port", str(mock_port)]
+        cmd += ["--streams", str(streams), "--tokens", str(toks), "--rate", f"{s.rate:g}"]
+        cmd += ["--probes", str(probes), "--deadline", f"{toks / s.rate * 1.5 + 20:.0f}"]
+        pids = process_tree(server.pid) if server is not None else None
+        with CpuWatch(procs) as watch:
+            summary = stream_load.run_load(
+                pinned(CLIENT_CPU, cmd),
+                functools.partial(_tree_ticks, pids) if pids else None,
+                functools.partial(_tree_ticks, mock_pids),
+                functools.partial(rss_kb, pids) if pids else None,
+                CLK_TCK,
+                toks / s.rate * 1.5 + 40,
+                log,
+                procs.workdir / f"sload-{key}-{tag}.json",
+            )
+        summary["foreign_cpu_pct"] = round(watch.foreign_pct, 1)
+        flat = stream_load.flatten(summary)
+        log(
+            f"stream_load {key:<10} {streams} streams x {toks} tokens: gap +p50 {flat['delay_p50_ms']} "
+            f"+p99 {flat['delay_p99_ms']} ms, probe TTFT p99 {flat['probe_ttft_p99_ms']} ms, "
+            f"CPU/1k chunks {summary.get('cpu_s_per_1k_chunks')}, RSS {summary.get('rss_kb')} KiB, "
+            f"errors {flat['errors']} {summary.get('error_samples', [])[:2]}, "
+            f"client cpu {summary.get('client_cpu_pct')}%, other-cpu {watch.foreign_pct:.0f}%"
+        )
+        time.sleep(1.0)  # let the proxy close what the run left
+        return summary
+
+    try:
+        for key, label, _port, _server, problem in targets:
+            if problem:
+                res.unavailable[f"stream_load_{key}"] = problem
+                out["contestants"][key] = {"label": label, "skipped": problem}
+        runnable = [t for t in targets if not t[4]]
+        runs: dict[str, list[dict[str, Any]]] = {t[0]: [] for t in runnable}
+        for rep in range(s.reps):
+            for key, _label, port, server, _ in runnable:
+                runs[key].append(load(key, port, server, s.streams, tokens, s.probes, f"main{rep}"))
+        for key, label, _port, _server, _ in runnable:
+            rs = runs[key]
+            flats = [stream_load.flatten(r) for r in rs]
+
+            def med(name: str, values: list[dict[str, Any]]) -> float | None:
+                nums = [float(v[name]) for v in values if isinstance(v.get(name), int | float)]
+                return statistics.median(nums) if nums else None
+
+            entry: dict[str, Any] = {"label": label, "streams": s.streams, "tokens": tokens}
+            for name in flats[0]:
+                entry[name] = med(name, flats) if name not in ("send_times", "errors") else flats[0][name]
+            entry["errors"] = sum(int(f["errors"]) for f in flats)
+            for name in ("cpu_s_per_1k_chunks", "mock_cpu_s_per_1k_chunks", "rss_kb", "client_cpu_pct"):
+                entry[name] = med(name, rs)
+            entry["foreign_cpu_pct_max"] = max(float(r.get("foreign_cpu_pct", 0.0)) for r in rs)
+            entry["error_samples"] = [e for r in rs for e in r.get("error_samples", [])][:5]
+            entry["runs"] = rs
+            out["contestants"][key] = entry
+        for key, _label, port, server, _ in runnable:
+            if key not in ("ntonix", "nginx"):
+                continue
+            trials: list[dict[str, Any]] = []
+
+            def measure(
+                n: int,
+                key: str = key,
+                port: int = port,
+                server: Proc | None = server,
+                trials: list[dict[str, Any]] = trials,
+            ) -> float | None:
+                summary = load(key, port, server, n, cap_tokens, 0, f"cap{n}")
+                flat = stream_load.flatten(summary)
+                trials.append({"streams": n, **flat, "foreign_cpu_pct": summary["foreign_cpu_pct"]})
+                p99 = flat["delay_p99_ms"]
+                return None if flat["errors"] or not isinstance(p99, int | float) else float(p99)
+
+            found = stream_load.capacity_search(
+                measure, s.streams, 125, cap_high, s.cap_threshold_ms, s.cap_trials
+            )
+            out["capacity"][key] = {**asdict(found), "runs": trials, "threshold_ms": s.cap_threshold_ms}
+            log(
+                f"stream_load capacity {key}: {found.capacity} streams pass, {found.first_fail} fail "
+                f"(added p99 > {s.cap_threshold_ms:g} ms); trials "
+                + ", ".join(f"{t.streams}:{t.p99_ms}" for t in found.trials)
+            )
+        c = out["contestants"]
+        out["targets"] = stream_load.judge(
+            c.get("ntonix", {}), c.get("nginx", {}), c.get("direct", {}), out["capacity"]
+        )
+    finally:
+        for proc in (gateway.proc, *(st.proc for _, _, st in routers), nginx, mock):
+            if proc is not None:
+                procs.stop(proc)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -948,10 +1149,14 @@ def run(mode: Mode, out_dir: Path, procs: Procs, phases: set[str]) -> int:
                 procs.stop(started.proc)
     if "memory" in phases:
         memory_phase(res, mode, procs, nofile)
+    if "stream_load" in phases:
+        stream_load_phase(res, mode, procs, nofile)
 
     procs.stop_all()
     res.meta["loadavg_end"] = load_average()
-    res.ratios = report.ratios(res.throughput, res.streaming, res.memory, mode.connections)
+    res.ratios = report.ratios(
+        res.throughput, res.streaming, res.memory, mode.connections, stream_load=res.stream_load
+    )
     payload = asdict(res)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = "quick" if mode.quick else "latest"
@@ -992,8 +1197,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument(
         "--phases",
-        default=os.environ.get("BENCH_PHASES", "throughput,streaming,memory"),
-        help="comma-separated subset of throughput,streaming,memory",
+        default=os.environ.get("BENCH_PHASES", "throughput,streaming,memory,stream_load"),
+        help="comma-separated subset of throughput,streaming,memory,stream_load",
     )
     args = parser.parse_args(argv)
     mode = Mode.from_env(args.quick)

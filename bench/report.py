@@ -73,6 +73,7 @@ def ratios(
     streaming: dict[str, Any],
     memory: dict[str, Any],
     connections: tuple[int, ...],
+    stream_load: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for conns in connections if throughput else ():
@@ -115,7 +116,9 @@ def ratios(
                 "added_vs_direct": None if value is None or direct is None else value - direct,
             }
         )
+    rows += stream_load_ratios(stream_load or {})
     rows += router_ratios(throughput, streaming, connections)
+    rows += stream_load_router_ratios(stream_load or {})
     counts = sorted({k for entry in memory.values() for k in entry if k.isdigit()}, key=int)
     mem_rows: list[tuple[str, str, list[str]]] = [("idle", "RSS MiB", ["idle_kb"])] if memory else []
     mem_rows += [(f"{n} open streams", "RSS MiB", [n, "rss_all_open_kb"]) for n in counts]
@@ -142,6 +145,157 @@ def ratios(
             }
         )
     return rows
+
+
+# Streaming under load (bench/harness.py stream_load_phase): (entry key, label, scale).
+SLOAD_METRICS: tuple[tuple[str, str, float], ...] = (
+    # CPU seconds per 1,000 chunks, shown x1000: microseconds per chunk (same ratio, readable digits).
+    ("cpu_s_per_1k_chunks", "CPU us/chunk", 1000.0),
+    ("delay_p50_ms", "gap +p50 ms", 1.0),
+    ("delay_p99_ms", "gap +p99 ms", 1.0),
+    ("probe_ttft_p99_ms", "TTFT p99 ms", 1.0),
+    ("rss_kb", "RSS MiB", 1 / 1024.0),
+)
+SLOAD_ROUTERS: tuple[tuple[str, str], ...] = (
+    ("sglang_rr", "sglang-router round_robin"),
+    ("vllm_rr", "vllm-router round_robin"),
+)
+
+
+def _positive_ratio(a: float | None, b: float | None) -> float | None:
+    # Added delays can be ~0 or negative: a ratio of such figures says nothing.
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return a / b
+
+
+def _sload_case(stream_load: dict[str, Any]) -> str:
+    settings = stream_load.get("settings", {})
+    return f"{settings.get('streams')} streams x {_fmt(settings.get('rate'), 0)}/s"
+
+
+def stream_load_ratios(stream_load: dict[str, Any]) -> list[dict[str, Any]]:
+    """NTONIX / nginx (and / direct for TTFT) under the many-stream load, plus capacity."""
+    contestants = stream_load.get("contestants") or {}
+    if not contestants:
+        return []
+    rows: list[dict[str, Any]] = []
+    case = _sload_case(stream_load)
+    for metric, label, scale in SLOAD_METRICS:
+        values = {k: _get(contestants, k, metric) for k in ("ntonix", "nginx", "direct")}
+        value, nginx, direct = (None if v is None else v * scale for v in values.values())
+        ttft = metric == "probe_ttft_p99_ms"
+        rows.append(
+            {
+                "section": "stream_load",
+                "case": case,
+                "metric": label,
+                "subject": "ntonix",
+                "ntonix": value,
+                "nginx": nginx,
+                "direct": direct if metric != "cpu_s_per_1k_chunks" and metric != "rss_kb" else None,
+                # A p50 of added delay is ~0 (or negative): no ratio.
+                "vs_nginx": None if metric == "delay_p50_ms" else _positive_ratio(value, nginx),
+                "vs_direct": _positive_ratio(value, direct) if ttft else None,
+                "added_vs_direct": None if not ttft or value is None or direct is None else value - direct,
+            }
+        )
+    capacity = stream_load.get("capacity") or {}
+    threshold = stream_load.get("settings", {}).get("cap_threshold_ms")
+    if capacity:
+        value = _num((capacity.get("ntonix") or {}).get("capacity"))
+        nginx = _num((capacity.get("nginx") or {}).get("capacity"))
+        rows.append(
+            {
+                "section": "stream_load",
+                "case": f"capacity, gap +p99 <= {_fmt(threshold, 0)} ms",
+                "metric": "streams",
+                "subject": "ntonix",
+                "ntonix": value,
+                "nginx": nginx,
+                "direct": None,
+                "vs_nginx": _ratio(value, nginx),
+                "vs_direct": None,
+            }
+        )
+    return rows
+
+
+def stream_load_router_ratios(stream_load: dict[str, Any]) -> list[dict[str, Any]]:
+    """NTONIX / each router under the many-stream load (section "routers")."""
+    contestants = stream_load.get("contestants") or {}
+    rows: list[dict[str, Any]] = []
+    for peer, peer_label in SLOAD_ROUTERS:
+        if "skipped" in contestants.get(peer, {"skipped": True}) or "ntonix" not in contestants:
+            continue
+        for metric, label, scale in SLOAD_METRICS:
+            value, other = _get(contestants, "ntonix", metric), _get(contestants, peer, metric)
+            value = None if value is None else value * scale
+            other = None if other is None else other * scale
+            rows.append(
+                {
+                    "section": "routers",
+                    "case": "stream load",
+                    "metric": label,
+                    "subject": "ntonix",
+                    "peer": peer,
+                    "peer_label": peer_label,
+                    "ntonix": value,
+                    "router": other,
+                    "vs_router": None if metric == "delay_p50_ms" else _positive_ratio(value, other),
+                    "nginx": None,
+                    "direct": None,
+                    "vs_nginx": None,
+                    "vs_direct": None,
+                }
+            )
+    return rows
+
+
+def stream_load_lines(payload: dict[str, Any]) -> list[str]:
+    """The phase's own block in the printed table."""
+    sl = payload.get("stream_load") or {}
+    contestants = sl.get("contestants") or {}
+    if not contestants:
+        return []
+    st = sl.get("settings", {})
+    out = [
+        f"\nStreaming under load ({st.get('streams')} streams x {_fmt(st.get('rate'), 0)} tokens/s for "
+        f"{_fmt(st.get('seconds'), 0)} s, {st.get('probes')} probe streams; gap = client arrival gap minus "
+        "the mock's send gap, ms; CPU = proxy process tree over the steady window)",
+        f"{'contestant':<32}{'CPU s/1k':>9}{'mock/1k':>8}{'gap+p50':>9}{'gap+p99':>9}{'p99.9':>8}"
+        f"{'TTFT p50':>9}{'TTFT p99':>9}{'RSS MiB':>8}{'err':>5}{'client%':>8}{'other cpu%':>11}",
+    ]
+    for entry in contestants.values():
+        if "skipped" in entry:
+            out.append(f"{entry['label']:<32}{NA}: {str(entry['skipped'])[:80]}")
+            continue
+        rss = _num(entry.get("rss_kb"))
+        out.append(
+            f"{entry['label']:<32}{_fmt(entry.get('cpu_s_per_1k_chunks'), 3):>9}"
+            f"{_fmt(entry.get('mock_cpu_s_per_1k_chunks'), 3):>8}{_fmt(entry.get('delay_p50_ms'), 3):>9}"
+            f"{_fmt(entry.get('delay_p99_ms'), 3):>9}{_fmt(entry.get('delay_p999_ms'), 2):>8}"
+            f"{_fmt(entry.get('probe_ttft_p50_ms'), 3):>9}{_fmt(entry.get('probe_ttft_p99_ms'), 3):>9}"
+            f"{_fmt(None if rss is None else rss / 1024, 1):>8}{entry.get('errors', '-'):>5}"
+            f"{_fmt(entry.get('client_cpu_pct'), 0):>8}{_fmt(entry.get('foreign_cpu_pct_max'), 0):>11}"
+        )
+    for key, cap in (sl.get("capacity") or {}).items():
+        trials = ", ".join(f"{t['streams']}: {_fmt(t['p99_ms'])}" for t in cap.get("trials", []))
+        bound = (
+            f"< {cap['first_fail']}"
+            if cap.get("first_fail")
+            else "(search limit)"
+            if cap.get("at_limit")
+            else ""
+        )
+        out.append(
+            f"capacity {key}: {cap.get('capacity') or 'none'} streams pass {bound} "
+            f"(gap +p99 <= {_fmt(cap.get('threshold_ms'), 0)} ms; trials n: p99 ms {trials})"
+        )
+    for t in sl.get("targets") or []:
+        state = "not measured" if t["met"] is None else "met" if t["met"] else "MISSED"
+        out.append(f"target {t['target']}: {_fmt(t['value'])} (target {t['op']} {t['limit']}): {state}")
+    return out
 
 
 def router_ratios(
@@ -259,9 +413,10 @@ def table(payload: dict[str, Any]) -> str:
                         f"{res['completed']} [DONE], {state})"
                     )
             out.append(f"{entry.get('label', key):<32}" + "; ".join(parts))
+    out += stream_load_lines(payload)
     out.append("\nRatios (NTONIX / peer; req/s: higher is better; ms and MiB: lower is better)")
     out.append(
-        f"{'section':<11}{'case':<34}{'metric':<15}{'NTONIX':>10}{'nginx':>10}{'direct':>10}"
+        f"{'section':<13}{'case':<34}{'metric':<15}{'NTONIX':>10}{'nginx':>10}{'direct':>10}"
         f"{'/nginx':>8}{'/direct':>9}{'/granian':>9}"
     )
     for row in payload["ratios"]:
@@ -269,18 +424,18 @@ def table(payload: dict[str, Any]) -> str:
             continue
         shown = _fmt(row["ntonix"]) if row["ntonix"] is not None else (row.get("note") or NA)
         out.append(
-            f"{row['section']:<11}{row['case']:<34}{row['metric']:<15}{shown:>10}{_fmt(row['nginx']):>10}"
+            f"{row['section']:<13}{row['case']:<34}{row['metric']:<15}{shown:>10}{_fmt(row['nginx']):>10}"
             f"{_fmt(row['direct']):>10}{_fmt(row['vs_nginx']):>8}{_fmt(row['vs_direct']):>9}"
             f"{_fmt(row.get('vs_granian')):>9}"
         )
     routers = [row for row in payload["ratios"] if row["section"] == "routers"]
     if routers:
         out.append("\nRatios vs the Rust routers (NTONIX / router, same backend, same pinning)")
-        out.append(f"{'case':<17}{'metric':<14}{'router':<28}{'NTONIX':>10}{'router':>10}{'/router':>9}")
+        out.append(f"{'case':<18}{'metric':<16}{'router':<28}{'NTONIX':>10}{'router':>10}{'/router':>9}")
         for row in routers:
             shown = _fmt(row["router"]) if row["router"] is not None else NA
             out.append(
-                f"{row['case']:<17}{row['metric']:<14}{row['peer_label']:<28}{_fmt(row['ntonix']):>10}"
+                f"{row['case']:<18}{row['metric']:<16}{row['peer_label']:<28}{_fmt(row['ntonix']):>10}"
                 f"{shown:>10}{_fmt(row['vs_router']):>9}"
             )
     failed = failures(payload)
@@ -311,6 +466,9 @@ def failures(payload: dict[str, Any]) -> list[str]:
         for n, res in entry.items():
             if n.isdigit() and isinstance(res, dict) and "skipped" not in res and not res.get("ok"):
                 failed.append(f"memory {key} N={n}: {res.get('error_samples')}")
+    for key, entry in (payload.get("stream_load") or {}).get("contestants", {}).items():
+        if "skipped" not in entry and entry.get("errors"):
+            failed.append(f"stream_load {key}: {entry['errors']} errors {entry.get('error_samples', [])[:2]}")
     return failed
 
 
@@ -455,11 +613,21 @@ def chart(payload: dict[str, Any], path: Path) -> Path | None:
         title += f"\nshared machine: other processes used up to {noise:.0f}% of a core during runs"
     fig.suptitle(title, fontsize=11)
     routers = [row for row in payload.get("ratios", []) if row["section"] == "routers"]
+    lines = []
     if routers:
         parts = [
             f"{row['peer_label']} {row['case']} {row['metric']}: {_fmt(row['vs_router'])}x" for row in routers
         ]
         lines = ["NTONIX / router: " + "; ".join(parts[i : i + 3]) for i in range(0, len(parts), 3)]
+    sload = [row for row in payload.get("ratios", []) if row["section"] == "stream_load"]
+    if sload:
+        parts = [
+            f"{row['metric']} {_fmt(row['ntonix'], 3)} vs {_fmt(row['nginx'], 3)} ({_fmt(row['vs_nginx'])}x)"
+            for row in sload
+        ]
+        head = f"Streaming under load, {sload[0]['case']}, NTONIX vs nginx: "
+        lines += [head + "; ".join(parts[i : i + 3]) for i in range(0, len(parts), 3)]
+    if lines:
         fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7)
         fig.tight_layout(rect=(0, 0.011 * (len(lines) + 1), 1, 1))
     else:
@@ -525,6 +693,37 @@ def markdown(payload: dict[str, Any]) -> str:
                         f"{_fmt(res['rss_all_open_kb'] / 1024, 1)} | {_fmt(res.get('per_stream_kb'), 1)} | "
                         f"{res['completed']} |"
                     )
+    sl = payload.get("stream_load") or {}
+    if sl.get("contestants"):
+        out += [
+            "",
+            "| streaming under load | CPU s/1k chunks | mock CPU s/1k | gap +p50 ms | gap +p99 ms | "
+            "gap +p99.9 ms | TTFT p50 ms | TTFT p99 ms | RSS MiB | errors | other cpu % |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for entry in sl["contestants"].values():
+            if "skipped" in entry:
+                out.append(f"| {entry['label']} | {NA} | | | | | | | | | |")
+                continue
+            rss = _num(entry.get("rss_kb"))
+            out.append(
+                f"| {entry['label']} | {_fmt(entry.get('cpu_s_per_1k_chunks'), 3)} | "
+                f"{_fmt(entry.get('mock_cpu_s_per_1k_chunks'), 3)} | {_fmt(entry.get('delay_p50_ms'), 3)} | "
+                f"{_fmt(entry.get('delay_p99_ms'), 3)} | {_fmt(entry.get('delay_p999_ms'), 3)} | "
+                f"{_fmt(entry.get('probe_ttft_p50_ms'), 3)} | {_fmt(entry.get('probe_ttft_p99_ms'), 3)} | "
+                f"{_fmt(None if rss is None else rss / 1024, 1)} | {entry.get('errors')} | "
+                f"{_fmt(entry.get('foreign_cpu_pct_max'), 0)} |"
+            )
+        out.append("")
+        for key, cap in (sl.get("capacity") or {}).items():
+            trials = ", ".join(f"{t['streams']}: {_fmt(t['p99_ms'])}" for t in cap.get("trials", []))
+            out.append(
+                f"- capacity {key}: {cap.get('capacity')} streams pass, {cap.get('first_fail')} fail "
+                f"(trials, streams: gap +p99 ms: {trials})"
+            )
+        for t in sl.get("targets") or []:
+            state = "not measured" if t["met"] is None else "met" if t["met"] else "**missed**"
+            out.append(f"- target {t['target']}: {_fmt(t['value'])} (target {t['op']} {t['limit']}): {state}")
     out += [
         "",
         "| ratio | case | metric | NTONIX | nginx | direct | NTONIX/nginx | NTONIX/direct | NTONIX/Granian |",
@@ -571,7 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args[0])
     payload = json.loads(path.read_text())
     connections = tuple(int(c) for c in payload["meta"].get("connections", []))
-    payload["ratios"] = ratios(payload["throughput"], payload["streaming"], payload["memory"], connections)
+    payload["ratios"] = ratios(
+        payload["throughput"],
+        payload["streaming"],
+        payload["memory"],
+        connections,
+        stream_load=payload.get("stream_load"),
+    )
     if as_markdown:
         print(markdown(payload))
         return 0

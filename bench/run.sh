@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# NTONIX benchmarks: `make bench` (full, ~15 min) or `BENCH_QUICK=1 make bench` (smoke, ~4 min).
-# Installs nginx, wrk, matplotlib, sglang-router and vllm-router when missing, then runs
+# NTONIX benchmarks: `make bench` (full, ~21 min) or `BENCH_QUICK=1 make bench` (smoke, ~6 min).
+# Installs nginx, wrk, matplotlib, sglang-router and vllm-router when missing, builds bench/streamload, then runs
 # bench/harness.py pinned to core 1 (it pins every server to core 0). Every process started here or by the harness
 # is killed by PID (process group) when this script exits, however it exits.
 set -euo pipefail
@@ -39,6 +39,16 @@ for spec in "sglang-router>=0.3" "vllm-router>=0.1.17"; do
         "$VENV/bin/pip" install --quiet "$spec" || echo "[bench] $router unavailable: its rows are skipped"
     fi
 done
+
+# The stream_load phase's paced SSE mock and load client (bench/streamload: its own workspace, built
+# into target/streamload so that `make clean` removes it); its rows say NOT AVAILABLE without it.
+if command -v cargo >/dev/null 2>&1; then
+    echo "[bench] building bench/streamload (cargo build --release)"
+    nice -n 10 cargo build --release --quiet --manifest-path "$ROOT/bench/streamload/Cargo.toml" \
+        --target-dir "$ROOT/target/streamload" || echo "[bench] bench/streamload did not build: stream_load skipped"
+else
+    echo "[bench] cargo missing: the stream_load phase is skipped"
+fi
 
 # Up to 10,000 streams through a proxy need ~2 fds each on the proxy: take the hard limit.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

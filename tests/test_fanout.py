@@ -9,7 +9,9 @@ no one off, and the upstream request ends when the last client left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -158,3 +160,89 @@ def test_coalescing_can_be_turned_off(procs: Processes) -> None:
     assert stats(mock)["chat_requests"] == 3
     assert all(data.rstrip().endswith(b"[DONE]") for _, data in results)
     assert "COALESCED" not in [cache for cache, _ in results]
+
+
+# ---- slow clients: paced by what their connection acknowledged, dropped when too far behind ----
+
+
+def raw_stream_request(port: int, body: bytes, headers: dict[str, str], rcvbuf: int) -> socket.socket:
+    """Send a streaming request on a socket with a tiny receive buffer and never read from it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: the window stays small
+    sock.connect(("127.0.0.1", port))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    sock.sendall(
+        f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{head}\r\n".encode() + body
+    )
+    return sock
+
+
+def test_slow_follower_is_dropped_without_affecting_the_others(procs: Processes) -> None:
+    mock = procs.mock()
+    gateway = procs.gateway(backends=[f"127.0.0.1:{mock.port}"], config={"cache": {"follower_lag_kb": 16}})
+    # ~600 events of ~150 bytes (~90 KB) in ~3 s: the live head gets far more than 2 x 16 KiB past
+    # what a client that never reads can have acknowledged (its receive buffer, a few KiB)
+    body, headers = stream_request("one client stops reading", 600, 200)
+
+    async def run() -> tuple[list[tuple[str, bytes]], socket.socket]:
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            first = asyncio.create_task(read_stream(client, gateway.url, body, headers))
+            await until_upstream(mock, client)
+            slow = raw_stream_request(gateway.port, body, headers, 4096)
+            readers = [read_stream(client, gateway.url, body, headers) for _ in range(2)]
+            others = await asyncio.gather(*readers)
+            return [await first, *others], slow
+
+    results, slow = asyncio.run(run())
+    try:
+        assert stats(mock)["chat_requests"] == 1
+        bodies = {data for _, data in results}
+        assert len(bodies) == 1, "the readers got different bytes"
+        (data,) = bodies
+        assert data.rstrip().endswith(b"data: [DONE]") and len(data) > 64 * 1024, len(data)
+        wait_for(
+            lambda: httpx.get(gateway.url + "/metrics", timeout=5).json()["stream_followers_dropped"] == 1,
+            10,
+            "the slow client to be counted as dropped",
+        )
+        # the gateway shut its connection: reading now ends (EOF or reset) well before a whole stream
+        slow.settimeout(10)
+        received = 0
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := slow.recv(65536):
+                received += len(chunk)
+        assert received < len(data), f"the slow client got the whole stream ({received} bytes)"
+    finally:
+        slow.close()
+    assert "fell behind the live stream" in gateway.log()
+
+
+def test_late_fast_joiner_with_a_big_backlog_is_paced_not_dropped(procs: Processes) -> None:
+    """A client joining when the log already holds several times the bound catches up at its own
+    pace: it is held back while its connection lags (never dropped for the backlog it found)."""
+    mock = procs.mock()
+    gateway = procs.gateway(backends=[f"127.0.0.1:{mock.port}"], config={"cache": {"follower_lag_kb": 16}})
+    body, headers = stream_request("join late, read fast", 1500, 300)
+
+    async def run() -> list[tuple[str, bytes]]:
+        far_enough = asyncio.Event()
+
+        async def first_reader(client: httpx.AsyncClient) -> tuple[str, bytes]:
+            async with client.stream("POST", gateway.url + CHAT, content=body, headers=headers) as response:
+                data = b""
+                async for chunk in response.aiter_raw():
+                    data += chunk
+                    if len(data) > 64 * 1024:  # 4 x the bound already in the log
+                        far_enough.set()
+                return response.headers.get("x-cache", "-"), data
+
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            first = asyncio.create_task(first_reader(client))
+            await asyncio.wait_for(far_enough.wait(), 20)
+            late = await read_stream(client, gateway.url, body, headers)
+            return [await first, late]
+
+    results = asyncio.run(run())
+    assert [cache for cache, _ in results] == ["MISS", "COALESCED"]
+    assert results[0][1] == results[1][1] and results[1][1].rstrip().endswith(b"[DONE]")
+    assert httpx.get(gateway.url + "/metrics", timeout=5).json()["stream_followers_dropped"] == 0

@@ -132,6 +132,10 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     streaming: bool = False
     # Whether identical streaming requests join one live generation (X-Cache: COALESCED).
     coalesce_streams: bool = True
+    # How far (KiB handed to the client's connection beyond what it has acknowledged) a client of a
+    # shared live stream may fall behind before it is held back, and past which behind the live head
+    # it is disconnected (Linux; see docs/adr/009-stream-fanout.md).
+    follower_lag_kb: int = 1024
     # Shared second tier: redis://, rediss:// or unix:// URL of a Redis or Valkey; empty means none.
     redis_url: str = ""
     # Bound on the one Redis read an L1 miss makes; slower is a miss.
@@ -642,6 +646,7 @@ _RULES: dict[str, _Rule] = {
         lambda v: not v or ("://" in v and v.split("://", 1)[0] in ("redis", "rediss", "unix")),
         "empty or a redis://, rediss:// or unix:// URL",
     ),
+    "cache.follower_lag_kb": _Rule(lambda v: v >= 16, "an integer >= 16"),
     "cache.redis_timeout_ms": _POSITIVE,
     "cache.redis_max_entry_mb": _POSITIVE,
     "cache.redis_write_queue": _ONE_OR_MORE,

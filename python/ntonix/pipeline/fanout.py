@@ -9,19 +9,32 @@ gets every chunk already sent, then the rest as it arrives, byte-identical.
 Lifetime: the producer ends when the stream ends, or when the last attached
 client has left (it is cancelled then, which drops the upstream request and
 closes its connection, so the GPU stops). A client that leaves early never cuts
-the others off. A follower whose unsent backlog grows past `LAG_BOUND_BYTES`
-beyond what it had to catch up with when it joined is disconnected instead of
-being waited for. A stream that breaks upstream ends every client with the
-same in-band error event (it is appended to the log like any chunk).
+the others off. A stream that breaks upstream ends every client with the same
+in-band error event (it is appended to the log like any chunk).
+
+Slow clients (`Pace`): Granian's `send_bytes` never pushes back, so each
+client is paced by what its TCP connection has acknowledged (peer.py). A client
+handed `cache.follower_lag_kb` more than it acknowledged is held back (polled,
+not sent to) until it reads; one that falls more than that bound behind the
+live head (beyond what it had to catch up with when it joined), or that
+acknowledges nothing for `STALL_S` while held back, is disconnected: its
+connection is shut down, which frees what Granian had queued for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
+import time
 from typing import Final
 
-# How far (bytes of unsent chunks) a follower may fall behind the live head before it is dropped.
-LAG_BOUND_BYTES: Final = 1 << 20
+from ntonix.pipeline.peer import PeerSocket
+
+# A held-back client is polled this often at first, backing off to POLL_MAX_S.
+POLL_FIRST_S: Final = 0.002
+POLL_MAX_S: Final = 0.05
+# A held-back client that acknowledges nothing for this long is disconnected.
+STALL_S: Final = 30.0
 
 
 class StreamGroup:
@@ -64,3 +77,60 @@ class StreamGroup:
     def _notify(self) -> None:
         wake, self.wake = self.wake, asyncio.get_running_loop().create_future()
         wake.set_result(None)
+
+
+class Pace:
+    """How far one client of a group is behind: in the group's log, and on its own connection."""
+
+    __slots__ = ("bound", "check_at", "delay", "joined_at", "last_acked", "peer", "since", "where")
+
+    def __init__(self, bound: int, joined_at: int, where: tuple[str, str] | None) -> None:
+        self.bound = bound
+        self.joined_at = joined_at  # the log's size when the client joined: what it had to catch up with
+        self.where = where  # (scope.client, scope.server) until its socket has been looked for
+        self.peer: PeerSocket | None = None
+        self.check_at = bound // 2  # bytes handed before the connection is first looked at
+        self.delay = POLL_FIRST_S
+        self.last_acked = -1
+        self.since = 0.0  # when the client last acknowledged anything while held back
+
+    def behind(self, head: int, sent: int) -> bool:
+        """More than `bound` behind the live head, beyond the backlog it found when it joined."""
+        return head - sent > self.bound + max(0, self.joined_at - sent)
+
+    def ahead(self, sent: int) -> bool:
+        """Handed more than `bound` bytes its connection has not acknowledged: hold it back."""
+        if sent < self.check_at:
+            return False
+        if self.peer is None:
+            where, self.where = self.where, None
+            self.peer = PeerSocket.find(*where) if where is not None else None
+        acked = self.peer.acked() if self.peer is not None else None
+        if acked is None:  # not Linux, socket not found or gone: no pacing for this client
+            self.check_at = sys.maxsize
+            return False
+        if sent - acked > self.bound:
+            if acked != self.last_acked:
+                self.last_acked, self.since, self.delay = acked, time.monotonic(), POLL_FIRST_S
+            return True
+        self.check_at = sent + self.bound // 8
+        return False
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, POLL_MAX_S)
+
+    def stalled(self) -> bool:
+        return time.monotonic() - self.since > STALL_S
+
+    def cut(self) -> None:
+        if self.peer is None and self.where is not None:
+            where, self.where = self.where, None
+            self.peer = PeerSocket.find(*where)
+        if self.peer is not None:
+            self.peer.cut()
+
+    def close(self) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None

@@ -44,7 +44,7 @@ from ntonix.errors import (
 from ntonix.limits.stream import UsageTap, ask_for_usage
 from ntonix.pipeline.embeddings import EmbeddingInputs
 from ntonix.pipeline.exchange import OWN_RESPONSE_HEADERS, Exchange, client_request_id
-from ntonix.pipeline.fanout import LAG_BOUND_BYTES, StreamGroup
+from ntonix.pipeline.fanout import Pace, StreamGroup
 from ntonix.pipeline.usage import Usage, usage_of_body, usage_of_stream
 from ntonix.pipeline.watch import SlowRequestWatch
 from ntonix.routes.spec import EMBEDDINGS
@@ -91,6 +91,7 @@ class Proxy:
         self.cache = cache
         self.cache_streams = settings.cache.streaming
         self.coalesce_streams = settings.cache.coalesce_streams
+        self.lag_bound = settings.cache.follower_lag_kb * 1024
         self.streams: dict[int, StreamGroup] = {}
         self.metrics = metrics
         self.registry = registry
@@ -178,7 +179,7 @@ class Proxy:
             log.debug("request %s: cache %s", ex.request_id, "refresh (no-cache)" if no_cache else "miss")
         if facts.stream:
             if key is not None and self.coalesce_streams and not no_cache:
-                await self._join_stream(proto, headers, pool, key, ex)
+                await self._join_stream(proto, headers, pool, key, ex, (scope.client, scope.server))
             else:
                 await self._forward_stream(proto, headers, pool, key, ex)
             return
@@ -589,7 +590,9 @@ class Proxy:
 
     # -- live stream fan-out (see fanout.py) -----------------------------------------------
 
-    async def _join_stream(self, proto: Any, headers: Any, pool: BackendPool, key: int, ex: Exchange) -> None:
+    async def _join_stream(
+        self, proto: Any, headers: Any, pool: BackendPool, key: int, ex: Exchange, where: tuple[str, str]
+    ) -> None:
         """Attach this client to the live generation of `key`, starting it when there is none."""
         group = self.streams.get(key)
         if group is None:
@@ -614,7 +617,7 @@ class Proxy:
             )
             metrics.streams_active += 1
             try:
-                await self._follow(group, transport, ex)
+                await self._follow(group, transport, ex, where)
             finally:
                 metrics.streams_active -= 1
         finally:
@@ -622,38 +625,51 @@ class Proxy:
             if group.leave() and self.streams.get(key) is group:
                 del self.streams[key]  # cancelled: a request arriving now starts a new generation
 
-    async def _follow(self, group: StreamGroup, transport: Any, ex: Exchange) -> None:
-        """Send the group's chunks from the first one, then as they arrive; drop a follower that lags."""
-        joined_at = group.size
+    async def _follow(self, group: StreamGroup, transport: Any, ex: Exchange, where: tuple[str, str]) -> None:
+        """Send the group's chunks from the first one, then as they arrive, at the pace the client's
+        connection acknowledges them; drop a client that falls too far behind (fanout.Pace)."""
+        pace = Pace(self.lag_bound, group.size, where)
         sent = index = 0
-        while True:
-            chunks = group.chunks
-            while index < len(chunks):
-                if group.size - sent > LAG_BOUND_BYTES + max(0, joined_at - sent):
-                    self.metrics.followers_dropped += 1
-                    log.warning(
-                        "request %s: follower fell behind the live stream; disconnected", ex.request_id
-                    )
-                    with contextlib.suppress(Exception):
-                        await transport.send_bytes(_lag_event())
-                    ex.status = 499
+        try:
+            while True:
+                chunks = group.chunks
+                while index < len(chunks):
+                    if pace.behind(group.size, sent):
+                        self._drop_follower(pace, ex)
+                        if pace.peer is None:  # it cannot be cut: tell it, after what it has queued
+                            with contextlib.suppress(Exception):
+                                await transport.send_bytes(_lag_event())
+                        return
+                    if pace.ahead(sent):
+                        await pace.wait()  # the live head may move meanwhile: check again
+                        if pace.stalled():
+                            self._drop_follower(pace, ex)
+                            return
+                        continue
+                    chunk = chunks[index]
+                    try:
+                        await transport.send_bytes(chunk)
+                    except Exception:  # the client left
+                        self.metrics.client_disconnects += 1
+                        ex.status = 499
+                        return
+                    if not sent:
+                        ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
+                        self.metrics.ttft.observe(ex.ttfb_ms)
+                    index += 1
+                    sent += len(chunk)
+                    ex.bytes_sent = sent
+                if group.done:
                     return
-                chunk = chunks[index]
-                try:
-                    await transport.send_bytes(chunk)
-                except Exception:  # the client left
-                    self.metrics.client_disconnects += 1
-                    ex.status = 499
-                    return
-                if not sent:
-                    ex.ttfb_ms = (time.perf_counter() - ex.started) * 1000.0
-                    self.metrics.ttft.observe(ex.ttfb_ms)
-                index += 1
-                sent += len(chunk)
-                ex.bytes_sent = sent
-            if group.done:
-                return
-            await asyncio.shield(group.wake)
+                await asyncio.shield(group.wake)
+        finally:
+            pace.close()
+
+    def _drop_follower(self, pace: Pace, ex: Exchange) -> None:
+        self.metrics.followers_dropped += 1
+        log.warning("request %s: client fell behind the live stream; disconnected", ex.request_id)
+        pace.cut()
+        ex.status = 499
 
     async def _produce(
         self, group: StreamGroup, headers: Any, pool: BackendPool, key: int, ex: Exchange
