@@ -12,7 +12,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 RUST_SRC := $(shell find rust benches -name '*.rs' 2>/dev/null) Cargo.toml
 PY_SRC   := $(shell find python -name '*.py' -o -name '*.pyi' 2>/dev/null) pyproject.toml
 
-.PHONY: all venv build browser-deps redis-deps test test-rust test-python test-under-load lint lint-rust lint-python fmt demo bench wheel clean
+.PHONY: all venv build browser-deps redis-deps test test-rust test-python test-under-load lint lint-rust lint-python fmt demo bench profile wheel clean
 
 all: build
 
@@ -148,6 +148,17 @@ $(REAL)/model/tiny.gguf: tests_real/make_model.py $(LLAMA_SDIST) $(REAL)/venv/.c
 test-real: build $(REAL)/venv/.llama-$(LLAMA_VER) $(REAL)/model/tiny.gguf
 	NTONIX_REAL_PYTHON=$(abspath $(REAL_PY)) NTONIX_REAL_MODEL=$(abspath $(REAL)/model/tiny.gguf) \
 		$(PY) -m pytest tests_real -q -p no:cacheprovider
+
+# ---- make profile: issue 16's "Where the time goes" (docs/benchmarks.md), about 3 minutes ----------
+# CPU per miss, hit and stream chunk by thread (/proc), attributed with perf (Debian's linux-perf;
+# without a usable perf, py-spy --native alone) and py-spy; writes docs/profile/*.svg and prints the table.
+.PHONY: profile
+
+profile: build
+	@command -v perf >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y linux-perf; } || echo "perf unavailable: py-spy only"
+	@command -v nginx >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nginx wrk; }
+	$(PIP) install --quiet "py-spy>=0.4"
+	$(PY) bench/profile.py
 
 # ---- make bench-routing: issue 11's routing benchmark (docs/benchmarks.md, "Routing (issue 11)") ----
 # A multi-turn chat trace over 4 KV-emulating mocks, NTONIX's policies against sglang-router and

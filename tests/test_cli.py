@@ -101,6 +101,7 @@ def test_config_reflects_file_env_and_cli(tmp_path: Path) -> None:
         "ssl_port": 9444,
         "threads": 3,
         "bind_address": "0.0.0.0",
+        "loop": "auto",
         "shutdown_grace_seconds": 30.0,
         "workers": 1,
         "cors_origins": [],

@@ -52,12 +52,14 @@ LogLevel: TypeAlias = Literal["trace", "debug", "info", "warn", "warning", "erro
 Policy: TypeAlias = Literal["round_robin", "least_requests", "power_of_two", "prefix", "session"]
 LogFormat: TypeAlias = Literal["text", "json"]
 CacheScope: TypeAlias = Literal["global", "key"]
+EventLoop: TypeAlias = Literal["auto", "uvloop", "asyncio"]
 Origin: TypeAlias = Literal["cli", "env", "file", "default"]
 
 # The seed's names (trace, warn) and Python's (warning, critical); trace logs like debug.
 LOG_LEVELS: tuple[str, ...] = ("trace", "debug", "info", "warn", "warning", "error", "critical")
 POLICIES: tuple[str, ...] = ("round_robin", "least_requests", "power_of_two", "prefix", "session")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
+EVENT_LOOPS: tuple[str, ...] = ("auto", "uvloop", "asyncio")
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,8 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     threads: int = msgspec.field(default_factory=_cpu_count)
     # Address both listeners bind to.
     bind_address: str = "0.0.0.0"
+    # The event loop the app runs on: "auto" (uvloop when it is installed, else asyncio), "uvloop", "asyncio".
+    loop: EventLoop = "auto"
     # On SIGTERM/SIGINT, how long requests in flight may take to finish.
     shutdown_grace_seconds: float = 30.0
     # Gateway processes sharing the ports (SO_REUSEPORT); each has its own L1 cache and counters.
@@ -401,6 +405,7 @@ _ENV_KEYS: dict[str, tuple[str, Callable[[str], object]]] = {
     "NTONIX_THREADS": ("server.threads", _env_int),
     "NTONIX_WORKERS": ("server.workers", _env_int),
     "NTONIX_BIND_ADDRESS": ("server.bind_address", str.strip),
+    "NTONIX_LOOP": ("server.loop", _env_level),
     "NTONIX_BACKENDS": ("backends", _env_backends),
     "NTONIX_LOG_LEVEL": ("logging.level", _env_level),
 }
@@ -556,6 +561,7 @@ _CHOICES = {
     "logging.level": LOG_LEVELS,
     "logging.format": LOG_FORMATS,
     "routing.policy": POLICIES,
+    "server.loop": EVENT_LOOPS,
     "cache.scope": ("global", "key"),
 }
 _MISSING = object()

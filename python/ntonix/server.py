@@ -207,6 +207,27 @@ async def main(settings: Settings, reload: Reload | None, first_bind: bool = Tru
             raise ConfigError(f"cannot listen on {settings.server.bind_address}:{port}: {reason}")
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `server.loop` names; None: asyncio's own.
+
+    NOTE: uvloop wakes the loop from Granian's threads (`call_soon_threadsafe`, once or twice per
+    request) and runs its callbacks with less work per turn than asyncio's selector loop; measured
+    in docs/benchmarks.md ("Where the time goes").
+    """
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if name == "uvloop":
+            raise ConfigError(
+                "server.loop is uvloop, but uvloop is not installed (pip install uvloop)"
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def serve(settings: Settings, reload: Reload | None = None, first_bind: bool = True) -> None:
     """Run the gateway (or its `server.workers` processes) until SIGTERM/SIGINT."""
     if settings.server.workers > 1:
@@ -222,6 +243,7 @@ def serve(settings: Settings, reload: Reload | None = None, first_bind: bool = T
             "open-files limit is %d: at most ~%d concurrent streams (raise `ulimit -n`)", limit, limit // 2
         )
     try:
-        asyncio.run(main(settings, reload, first_bind))
+        with asyncio.Runner(loop_factory=loop_factory(settings.server.loop)) as runner:
+            runner.run(main(settings, reload, first_bind))
     except OSError as err:
         raise ConfigError(f"cannot listen on {settings.server.bind_address}: {err}") from None
