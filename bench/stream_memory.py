@@ -47,7 +47,7 @@ THREADS = str(os.cpu_count() or 1)
 
 # `--pythonpath DIR` (another build of the package, e.g. with a debug `_core`) and `--wrap CMD` (a
 # profiler prefix, e.g. `heaptrack -o /tmp/h`) apply to the NTONIX process only.
-OPTIONS: dict[str, str] = {"pythonpath": str(ROOT / "python"), "wrap": ""}
+OPTIONS: dict[str, str] = {"pythonpath": str(ROOT / "python"), "wrap": "", "prompt_kb": "0"}
 
 
 def env_for(extra: dict[str, str]) -> dict[str, str]:
@@ -115,6 +115,15 @@ def start_proxy(
     if problem:
         raise SystemExit(f"{name}: {problem}")
     return proc, port
+
+
+def stream_request(prompt_kb: int) -> bytes:
+    """The harness's streaming request, or one whose prompt is `prompt_kb` KiB (real chats are long)."""
+    if not prompt_kb:
+        return harness.STREAM_REQUEST
+    words = "word " * (prompt_kb * 1024 // 5)
+    body = {"model": "bench-model", "stream": True, "messages": [{"role": "user", "content": words}]}
+    return json.dumps({**body, "max_tokens": 64}).encode()
 
 
 def stop_wrapped(proc: harness.Proc) -> None:
@@ -214,7 +223,7 @@ def one(
         held = clients.hold_streams(
             harness.HOST,
             port,
-            harness.STREAM_REQUEST,
+            stream_request(int(OPTIONS["prompt_kb"])),
             count,
             sample,
             open_deadline_s=hold_s - 3,
@@ -248,9 +257,10 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="contestant [KEY=VALUE ...]; repeatable")
     parser.add_argument("--trace", action="store_true", help="tracemalloc diff for ntonix contestants")
     parser.add_argument("--pythonpath", default=OPTIONS["pythonpath"], help="NTONIX's package directory")
+    parser.add_argument("--prompt-kb", type=int, default=0, help="a user message of this many KiB")
     parser.add_argument("--wrap", default="", help="command prefix for the NTONIX process (a profiler)")
     args = parser.parse_args()
-    OPTIONS.update(pythonpath=args.pythonpath, wrap=args.wrap)
+    OPTIONS.update(pythonpath=args.pythonpath, wrap=args.wrap, prompt_kb=str(args.prompt_kb))
     nofile = harness.raise_nofile()
     if harness.pinning():
         os.sched_setaffinity(0, {1})  # the clients; servers on core 0

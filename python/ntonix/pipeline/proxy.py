@@ -602,6 +602,7 @@ class Proxy:
         else:
             ex.cache = "COALESCED"
             self.metrics.coalesced_streams += 1
+            ex.drop_request_body()  # a follower never sends its own: one prompt copy less per follower
         group.join()
         metrics = self.metrics
         metrics.stream_group_peak = max(metrics.stream_group_peak, group.members)
@@ -687,6 +688,7 @@ class Proxy:
                 group.head.set_exception(err)
                 group.head.exception()  # every member answers with it; there may be none left
                 return
+            ex.drop_request_body()  # answered: never resent
             backend = lease.backend
             group.head.set_result((response.status, _answer_headers(response.headers)))
             chunk = response.body
