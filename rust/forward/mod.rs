@@ -216,7 +216,15 @@ impl Forwarder {
             let body = if buffer {
                 Some(response.body.read_all().await?)
             } else {
-                response.body.chunk_if_ready(FIRST_CHUNK_GRACE).await?
+                // NOTE: a chunk is a slice of hyper's 8 KiB read buffer. Kept for the stream's whole
+                // life (`UpstreamResponse.body`), the first one pinned that buffer while hyper read
+                // every later chunk into a new one: 8 KiB more per open stream. Its few bytes are
+                // copied instead (later chunks are copied into Python objects and dropped at once).
+                response
+                    .body
+                    .chunk_if_ready(FIRST_CHUNK_GRACE)
+                    .await?
+                    .map(|chunk| Bytes::copy_from_slice(&chunk))
             };
             Ok((response, body))
         };

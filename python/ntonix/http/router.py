@@ -58,6 +58,7 @@ class Router:
         if len(values) > MAX_HEADERS or sum(map(len, values)) > MAX_HEADER_BYTES:
             self._answer(scope, proto, _headers_too_large, "")
             return
+        del values  # this frame lives as long as a stream: its locals too (~0.3 KB per open stream)
         if self.cors is not None:
             origin = headers.get("origin")
             if origin is not None:

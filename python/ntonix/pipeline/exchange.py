@@ -106,6 +106,16 @@ class Exchange:
         self.client_error = False
         self.principal: Principal | None = None  # the caller's gateway API key, when keys are on
 
+    def drop_request_body(self) -> None:
+        """Forget the request's body and its decoded form once it was sent and cannot be resent.
+
+        NOTE: a stream holds its `Exchange` for minutes; with a long prompt the body and the decoded
+        request were most of what it held (two copies of the prompt). `prompt` stays: the prefix
+        policy reads it again when the request completes.
+        """
+        self.body = b""
+        self.request = None
+
     @property
     def session_key(self) -> str | None:
         """What pins a session to a backend: the session header, else the body's `user`."""

@@ -142,10 +142,10 @@ class Proxy:
 
     async def _pipeline(self, scope: Any, proto: Any, headers: Any, ex: Exchange) -> None:
         route = ex.route
-        body = ex.body = await self._admit(proto, headers, route)
+        ex.body = await self._admit(proto, headers, route)  # no local: a stream may drop it (see below)
         no_cache, no_store = cache_directives(headers.get("cache-control"))
         cacheable = route.cacheable and self.cache is not None and not no_store
-        digest = self._parse(ex, body, cacheable)
+        digest = self._parse(ex, ex.body, cacheable)
         facts = ex.facts
         assert facts is not None
         if ex.principal is not None:
@@ -500,6 +500,7 @@ class Proxy:
         lease, response = await self._forward(
             proto, headers, pool, ex, buffer=False, cacheable=key is not None
         )
+        ex.drop_request_body()  # answered: never resent, and the stream may stay open for minutes
         backend = lease.backend
         out = [*_answer_headers(response.headers), ("x-request-id", ex.request_id)]
         if ex.cache != "-":
@@ -601,6 +602,7 @@ class Proxy:
         else:
             ex.cache = "COALESCED"
             self.metrics.coalesced_streams += 1
+            ex.drop_request_body()  # a follower never sends its own: one prompt copy less per follower
         group.join()
         metrics = self.metrics
         metrics.stream_group_peak = max(metrics.stream_group_peak, group.members)
@@ -686,6 +688,7 @@ class Proxy:
                 group.head.set_exception(err)
                 group.head.exception()  # every member answers with it; there may be none left
                 return
+            ex.drop_request_body()  # answered: never resent
             backend = lease.backend
             group.head.set_result((response.status, _answer_headers(response.headers)))
             chunk = response.body
