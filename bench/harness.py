@@ -1012,7 +1012,14 @@ def stream_load_phase(res: Results, mode: Mode, procs: Procs, nofile: int) -> No
             ) -> float | None:
                 summary = load(key, port, server, n, cap_tokens, 0, f"cap{n}")
                 flat = stream_load.flatten(summary)
-                trials.append({"streams": n, **flat, "foreign_cpu_pct": summary["foreign_cpu_pct"]})
+                trials.append(
+                    {
+                        "streams": n,
+                        **flat,
+                        **{k: summary.get(k) for k in ("cpu_s_per_1k_chunks", "rss_kb", "client_cpu_pct")},
+                        "foreign_cpu_pct": summary["foreign_cpu_pct"],
+                    }
+                )
                 p99 = flat["delay_p99_ms"]
                 return None if flat["errors"] or not isinstance(p99, int | float) else float(p99)
 
