@@ -11,7 +11,9 @@ log level lowered), like `make bench`: gateway and backend on core 0, wrk (and t
 - miss: cache off, nginx `return 200` backend, `wrk -t1 -c64 -s bench/post.lua`;
 - hit: cache on, the same request every time (primed), the same wrk;
 - stream: cache off, `ntonix mock --tokens 24 --token-rate 20` (a paced stream: every event is one
-  chunk), `wrk -c200 -s bench/stream.lua`; CPU per chunk = CPU / (streams x chunks per stream).
+  chunk), `wrk -c200 -s bench/stream.lua`; CPU per chunk = CPU / (streams x chunks per stream);
+- burst (`--cases burst`, not in the default set): the same with `--token-rate 0` (the mock writes
+  all 26 events at once, as `make bench`'s streaming rows do), `wrk -c64`; per event.
 
 CPU: utime and stime of every thread of the gateway from /proc/PID/task/*/stat around each wrk run
 (median of `--rounds`), grouped by thread: the asyncio loop (the main thread: Python, Granian's
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import clients
 import harness
 from harness import BENCH, CLIENT_CPU, HOST, ROOT, Procs, free_port, http_call, pinned, run_wrk, wait_ready
 
@@ -152,6 +155,7 @@ class Measured:
     requests: int
     us: dict[str, tuple[float, float]]  # group -> (user, sys) µs per unit
     threads: dict[str, str]
+    latency: tuple[float, float] | None = None  # sequential TTFT p50, whole stream p50 (ms)
 
     @property
     def total(self) -> float:
@@ -518,6 +522,10 @@ def run_case(
         case = Case("stream", "stream.lua", STREAM_CONNS, "chunk")
         proc, port = start_gateway(procs, v, f"gw-{v.label}-stream", backends["mock"], cache=False)
         case.chunks = stream_chunks(port)
+    elif case_name == "burst":  # an unpaced stream: the mock writes every event at once
+        case = Case("burst", "stream.lua", 64, "chunk")
+        proc, port = start_gateway(procs, v, f"gw-{v.label}-burst", backends["mock0"], cache=False)
+        case.chunks = stream_chunks(port)
     elif case_name == "hit":
         case = Case("hit", "post.lua", 64, "request")
         proc, port = start_gateway(procs, v, f"gw-{v.label}-hit", backends["nginx"], cache=True)
@@ -539,6 +547,8 @@ def start_backends(procs: Procs, v: Variant, cases: Iterable[str]) -> dict[str, 
     out = {"nginx": backend_port}
     if "stream" in cases:
         out["mock"] = start_mock(procs, v, STREAM_RATE)
+    if "burst" in cases:
+        out["mock0"] = start_mock(procs, v, 0)
     return out
 
 
@@ -662,6 +672,11 @@ def ab(args: argparse.Namespace) -> int:
             for _ in range(args.rounds):
                 for v, case, proc, port in running:
                     m = measure(proc.pid, port, case, args.seconds)
+                    if name == "burst":  # sequential streams, like make bench's streaming rows
+                        lat = clients.stream_latency(HOST, port, harness.STREAM_REQUEST, 300, 60.0)
+                        if lat.errors:
+                            raise RuntimeError(f"burst {v.label}: {lat.error_samples[:3]}")
+                        m.latency = (lat.ttft_p50_ms, lat.total_p50_ms)
                     results[name][v.label].append(m)
                     units[name] = case.unit
                     print(
@@ -686,6 +701,13 @@ def ab(args: argparse.Namespace) -> int:
                 f"{name:6} {v.label:12} req/s median {statistics.median(rps):>7,.0f} {rps}; "
                 f"µs/{units[name]} median {med:.1f} min {min(us):.1f} ({med / base:.2f}x) {us}"
             )
+            if runs and runs[0].latency is not None:
+                ttft = [r.latency[0] for r in runs if r.latency]
+                whole = [r.latency[1] for r in runs if r.latency]
+                print(
+                    f"{'':19} sequential: TTFT p50 median {statistics.median(ttft):.3f} ms, "
+                    f"whole stream p50 median {statistics.median(whole):.3f} ms"
+                )
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -254,3 +256,40 @@ def test_foreign_handler_still_sees_access_lines(capsys: pytest.CaptureFixture[s
     logging.getLogger("ntonix.access").setLevel(logging.CRITICAL)
     log_access("r10", **ACCESS_ARGS)  # switched off behind setup_logging's back: nothing written
     assert capsys.readouterr().err == ""
+
+
+def test_access_lines_of_one_loop_turn_go_out_together_and_in_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """On the event loop, a turn's access lines are written at the next turn, one write for all;
+    an application line written meanwhile comes after the access lines logged before it."""
+    setup_logging(LoggingConfig(enable_colors=False))
+    writes: list[str] = []
+
+    async def scenario() -> list[str]:
+        stream = sys.stderr
+        original = stream.write
+
+        def counting(text: str) -> int:
+            writes.append(text)
+            return original(text)
+
+        stream.write = counting  # type: ignore[method-assign]
+        try:
+            log_access("a1", **ACCESS_ARGS)
+            log_access("a2", **ACCESS_ARGS)
+            assert writes == []  # nothing yet: the loop has not turned
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            seen = list(writes)
+            log_access("a3", **ACCESS_ARGS)
+            logging.getLogger("ntonix").warning("after a3")
+            return seen
+        finally:
+            stream.write = original  # type: ignore[method-assign]
+
+    seen = asyncio.run(scenario())
+    assert len(seen) == 1 and seen[0].count("\n") == 2 and "id=a1 " in seen[0] and "id=a2 " in seen[0]
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" id=")[1].split()[0] for line in err[:3]] == ["a1", "a2", "a3"]
+    assert err[3].endswith("WARNING ntonix: after a3")

@@ -709,3 +709,80 @@ async fn measure_tls_against_plain() {
         println!("{name}: first request on a new connection {cold:?}, pooled {rate:.0} req/s");
     }
 }
+
+/// A server that writes `body` (raw chunked encoding) in one write after the head, then keeps the
+/// connection open, or closes it when `close` (a body cut short).
+async fn raw_body_server(body: &'static [u8], close: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if !read_request(&mut sock).await {
+                    return;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                let mut all = head.as_bytes().to_vec();
+                all.extend_from_slice(body);
+                let _ = sock.write_all(&all).await;
+                if !close {
+                    std::future::pending::<()>().await;
+                }
+            });
+        }
+    });
+    format!("http://{addr}/stream")
+}
+
+#[tokio::test]
+async fn chunks_that_arrived_together_are_joined_and_later_ones_are_not_waited_for() {
+    let url = raw_body_server(b"6\r\ndata:1\r\n6\r\ndata:2\r\n6\r\ndata:3\r\n", false).await;
+    let upstream = plain(timeouts());
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await; // all three are in by now
+    let joined = response.body.next_ready(1 << 16).await.expect("read");
+    assert_eq!(joined, Some(Bytes::from_static(b"data:1data:2data:3")));
+    // nothing more has come: the next read waits for it (here: until the idle timeout)
+    let err = response.body.next_ready(1 << 16).await.expect_err("idle");
+    assert!(matches!(
+        err,
+        Error::Timeout {
+            phase: Phase::Idle,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn joining_stops_at_the_byte_limit_and_the_end_is_answered_after_the_data() {
+    let url = raw_body_server(
+        b"6\r\ndata:1\r\n6\r\ndata:2\r\n6\r\ndata:3\r\n0\r\n\r\n",
+        false,
+    )
+    .await;
+    let upstream = plain(timeouts());
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = response.body.next_ready(10).await.expect("read");
+    assert_eq!(first, Some(Bytes::from_static(b"data:1data:2")));
+    let rest = response.body.next_ready(10).await.expect("read");
+    assert_eq!(rest, Some(Bytes::from_static(b"data:3")));
+    assert_eq!(response.body.next_ready(10).await.expect("end"), None);
+}
+
+#[tokio::test]
+async fn a_break_right_behind_ready_chunks_is_reported_by_the_next_read() {
+    // two chunks, then the connection closes without the last chunk
+    let url = raw_body_server(b"6\r\ndata:1\r\n6\r\ndata:2\r\n", true).await;
+    let upstream = plain(timeouts());
+    let mut response = upstream.send(request(&url)).await.expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let joined = response.body.next_ready(1 << 16).await.expect("data first");
+    assert_eq!(joined, Some(Bytes::from_static(b"data:1data:2")));
+    let err = response
+        .body
+        .next_ready(1 << 16)
+        .await
+        .expect_err("then the break");
+    assert!(matches!(err, Error::Protocol { .. }), "{err:?}");
+}

@@ -39,6 +39,9 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
 /// that a chunk sent with (or right behind) the headers reaches Python with them.
 const FIRST_CHUNK_GRACE: Duration = Duration::from_millis(2);
 
+/// At most this many bytes of chunks that arrived together are handed to Python as one.
+const READY_MAX: usize = 64 * 1024;
+
 /// Done-callback of an asyncio future: when the future is cancelled (`Task.cancel()` on a task
 /// awaiting it, `Pending.cancel()`, `asyncio.wait_for` running out), it stops the upstream work.
 #[pyclass(frozen, module = "ntonix._core")]
@@ -367,11 +370,12 @@ impl UpstreamResponse {
             .map(|(_, value)| value.clone())
     }
 
-    /// Awaitable of the next body chunk exactly as the backend sent it, or `None` at the end.
+    /// Awaitable of the next body chunk as the backend sent it, with the chunks right behind it
+    /// that have already arrived joined to it (at most `READY_MAX` bytes), or `None` at the end.
     /// Cancelling it closes the upstream connection (the rest of the body is given up).
     fn next_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let reader = self.reader.clone();
-        let work = async move { reader.lock().await.next_chunk().await };
+        let work = async move { reader.lock().await.next_ready(READY_MAX).await };
         let on_cancel = OnCancel::Trigger(self.abort.clone());
         Ok(self.link.spawn(py, work, chunk_to_py, on_cancel)?.0)
     }

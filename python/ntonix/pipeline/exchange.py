@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,9 +21,40 @@ _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _decode = msgspec.json.Decoder().decode
 
 
+_RANDOM_POOL = 4096  # bytes of os.urandom read at a time: 256 request ids per getrandom(2)
+
+
+class _Random:
+    __slots__ = ("at", "pool")
+
+    def __init__(self) -> None:
+        self.pool = b""
+        self.at = 0
+
+    def reset(self) -> None:
+        self.pool, self.at = b"", 0
+
+
+_random = _Random()
+os.register_at_fork(after_in_child=_random.reset)  # a forked worker never repeats its parent's ids
+
+
 def new_request_id() -> str:
-    """A fresh UUID4 (some servers, llama-cpp-python among them, accept nothing else)."""
-    return str(uuid.UUID(bytes=os.urandom(16), version=4))
+    """A fresh UUID4 (some servers, llama-cpp-python among them, accept nothing else).
+
+    NOTE: `str(uuid.UUID(bytes=os.urandom(16), version=4))` cost ~4 µs per request (a getrandom(2)
+    call, a UUID object, its formatting); the same bits from a pooled os.urandom read, formatted
+    directly, cost ~1 µs.
+    """
+    r = _random
+    if r.at >= len(r.pool):
+        r.pool, r.at = os.urandom(_RANDOM_POOL), 0
+    b = bytearray(r.pool[r.at : r.at + 16])
+    r.at += 16
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def client_request_id(value: str | None) -> str:
