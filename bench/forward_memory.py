@@ -56,7 +56,7 @@ async def hold(port: int, count: int, trace: bool) -> dict[str, object]:
         tracemalloc.start(1)
         before = tracemalloc.take_snapshot()
     opened = asyncio.Event()
-    state = {"opened": 0, "done": 0}
+    state = {"opened": 0, "done": 0, "first_chunk_with_headers": 0}
 
     async def one() -> None:
         response = await forwarder.request("POST", url, headers, harness.STREAM_REQUEST, False)
@@ -65,6 +65,7 @@ async def hold(port: int, count: int, trace: bool) -> dict[str, object]:
         if state["opened"] == count:
             opened.set()
         body = [response.body] if response.body else []
+        state["first_chunk_with_headers"] += bool(body)
         while (chunk := await response.next_chunk()) is not None:
             body.append(chunk)
         if b"".join(body).rstrip().endswith(b"[DONE]"):
@@ -107,6 +108,7 @@ async def hold(port: int, count: int, trace: bool) -> dict[str, object]:
         ]
     await asyncio.gather(*tasks)
     result["completed_with_done"] = state["done"]
+    result["first_chunk_with_headers"] = state["first_chunk_with_headers"]
     return result
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# NTONIX benchmarks: `make bench` (full, ~21 min) or `BENCH_QUICK=1 make bench` (smoke, ~6 min).
+# NTONIX benchmarks: `make bench` (full, ~21 min) or `BENCH_QUICK=1 make bench` (smoke, ~7 min).
 # Installs nginx, wrk, matplotlib, sglang-router and vllm-router when missing, builds bench/streamload, then runs
 # bench/harness.py pinned to core 1 (it pins every server to core 0). Every process started here or by the harness
 # is killed by PID (process group) when this script exits, however it exits.

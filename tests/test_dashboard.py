@@ -360,8 +360,12 @@ def unlock_with_key(browser: WebDriver, url: str, key: str) -> None:
     until(browser, lambda d: page_state(d)["status"] == "live", 10, "live again after reload")
     assert not page_state(browser)["locked"]
     console, _ = drain_logs(browser)
-    # The refused polls show up as network 401s; nothing else may be logged as an error.
-    assert [e for e in console if e["level"] == "SEVERE" and " 401 " not in e["message"]] == []
+    # The refused polls show up as network 401s; nothing else may be logged as an error. (A page of
+    # an earlier test, polling a gateway that test has since stopped, may have logged a refused
+    # connection to its own origin before the browser left it: that is not this page's error.)
+    here = "/".join(url.split("/", 3)[:3])  # http://host:port
+    errors = [e for e in console if e["level"] == "SEVERE" and " 401 " not in e["message"]]
+    assert [e for e in errors if "http://" not in e["message"] or here in e["message"]] == []
 
 
 def test_admin_key_prompt(browser: WebDriver, procs: Processes) -> None:
