@@ -29,13 +29,15 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import HTTP, Proc, Processes, wait_for
+from tests.conftest import HTTP, LOAD_SLACK, Proc, Processes, wait_for
 
 CHAT = "/v1/chat/completions"
 KV = ("--kv-capacity", "4096", "--kv-block-chars", "64")
 BASE: dict[str, Any] = {
     "cache": {"enabled": False},
-    "health_check": {"interval_seconds": 0.2, "timeout_seconds": 0.5, "unhealthy_threshold": 2},
+    # A killed backend refuses at once, so the probe timeout only matters for a live one that a loaded
+    # machine stalls: 0.5 s let a live backend fall out of rotation under `make test-under-load`.
+    "health_check": {"interval_seconds": 0.2, "timeout_seconds": 0.5 + LOAD_SLACK, "unhealthy_threshold": 2},
 }
 
 
@@ -225,6 +227,7 @@ def test_session_header_and_body_user_stick_to_one_backend(procs: Processes) -> 
 def test_reload_removing_a_backend_moves_only_its_sessions(procs: Processes, policy: str) -> None:
     backends = mocks(procs, 3)
     gw = gateway(procs, backends, policy)
+    wait_for(lambda: all(b["healthy"] for b in metrics(gw)["backends"]), timeout=10.0, what="3 healthy")
     rng = random.Random(14)
     chats = [Chat(rng, f"tenant {i}: " + text(rng, 800), session=f"s{i}") for i in range(12)]
     for chat in chats:
