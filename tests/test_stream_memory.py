@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import HTTP, Processes, backend_entry
+from tests.conftest import HTTP, Processes, backend_entry, wait_for
 
 STREAMS = 300
 PROMPT_KIB = 32
@@ -67,7 +66,13 @@ async def hold(port: int, pid: int, idle: int) -> tuple[float, int]:
     gate = asyncio.Semaphore(100)
     tasks = [asyncio.create_task(one(gate)) for _ in range(STREAMS)]
     await asyncio.wait_for(opened.wait(), 60)
-    await asyncio.sleep(0.5)
+    # every stream answered on the client side; wait until the gateway also counts them all open
+    await asyncio.to_thread(
+        wait_for,
+        lambda: HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).json()["streams_active"] == STREAMS,
+        30,
+        what=f"{STREAMS} streams active in the gateway",
+    )
     samples = sorted(rss_kib(pid) for _ in range(5))
     per_stream = (samples[2] - idle) / STREAMS
     await asyncio.wait_for(asyncio.gather(*tasks), 120)
@@ -88,7 +93,7 @@ def test_an_open_stream_does_not_keep_its_prompt(
     gateway = procs.gateway_for([backend_entry(mock)], config={"logging": {"level": "warning"}, **config})
     for _ in range(20):  # warm up: pools, allocator, first requests
         assert HTTP.get(gateway.url + "/health", timeout=5).status_code == 200
-    time.sleep(0.5)
+    wait_for(lambda: HTTP.get(gateway.url + "/metrics", timeout=5).json()["requests_active"] <= 1, 10)
     idle = sorted(rss_kib(gateway.popen.pid) for _ in range(5))[2]
     per_stream, done = asyncio.run(hold(gateway.port, gateway.popen.pid, idle))
     assert done == STREAMS, f"only {done} of {STREAMS} streams ended with [DONE]"
