@@ -2,7 +2,8 @@
 
 Contestants share one fixed backend (nginx answering a ~620-byte chat.completion)
 and, for streams, one mock LLM (``ntonix mock``). Throughput and latency come from
-wrk (``--latency`` percentiles via a ``done()`` hook in ``post.lua``/``unique.lua``);
+wrk (``--latency`` percentiles via the ``done()`` hook in ``wrk_json.lua``, which ``post.lua``,
+``unique.lua`` and ``stream.lua`` load);
 streaming time to first token from ``clients.stream_latency``; gateway memory from
 ``/proc/PID/status`` while ``clients.hold_streams`` keeps N streams open. Servers are
 pinned to core 0 and every load generator to core 1 (when the machine has two).
@@ -355,6 +356,13 @@ def render_nginx(name: str, workdir: Path, nofile: int, worker_connections: int,
     conf = prefix / "nginx.conf"
     conf.write_text(text)
     return conf
+
+
+def stream_worker_connections(streams: int) -> int:
+    """nginx `worker_connections` for `streams` proxied streams, sized as an operator would: two
+    connections per stream (client and upstream) plus the 1/16 headroom below which nginx starts
+    closing idle keep-alive connections, plus a margin for the health checks."""
+    return 2 * streams * 17 // 15 + 512
 
 
 def start_nginx(
@@ -766,9 +774,7 @@ def memory_phase(res: Results, mode: Mode, procs: Procs, nofile: int) -> None:
                         f"proxy-mem{count}",
                         nofile,
                         port,
-                        # Two connections per stream, and nginx starts reusing (closing) connections
-                        # once fewer than 1/16 of them are free: size it so that never happens.
-                        worker_connections=2 * count * 17 // 15 + 512,
+                        worker_connections=stream_worker_connections(count),
                         backend_port=mock.port,
                         mock_port=mock.port,
                         proxy_port=free_port(),
@@ -902,7 +908,7 @@ def stream_load_phase(res: Results, mode: Mode, procs: Procs, nofile: int) -> No
         "proxy-sload",
         nofile,
         stream_port,
-        worker_connections=2 * cap_high * 17 // 15 + 512,
+        worker_connections=stream_worker_connections(cap_high),
         backend_port=mock_port,
         mock_port=mock_port,
         proxy_port=free_port(),

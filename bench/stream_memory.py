@@ -81,7 +81,7 @@ def start_proxy(
             "proxy-mem",
             nofile,
             port,
-            worker_connections=2 * count * 17 // 15 + 512,
+            worker_connections=harness.stream_worker_connections(count),
             backend_port=mock_port,
             mock_port=mock_port,
             proxy_port=harness.free_port(),
