@@ -102,10 +102,8 @@ class Pace:
         """Handed more than `bound` bytes its connection has not acknowledged: hold it back."""
         if sent < self.check_at:
             return False
-        if self.peer is None:
-            where, self.where = self.where, None
-            self.peer = PeerSocket.find(*where) if where is not None else None
-        acked = self.peer.acked() if self.peer is not None else None
+        peer = self._socket()
+        acked = peer.acked() if peer is not None else None
         if acked is None:  # not Linux, socket not found or gone: no pacing for this client
             self.check_at = sys.maxsize
             return False
@@ -124,11 +122,16 @@ class Pace:
         return time.monotonic() - self.since > STALL_S
 
     def cut(self) -> None:
+        peer = self._socket()
+        if peer is not None:
+            peer.cut()
+
+    def _socket(self) -> PeerSocket | None:
+        """The client's socket, looked for once (the first time it is needed)."""
         if self.peer is None and self.where is not None:
             where, self.where = self.where, None
             self.peer = PeerSocket.find(*where)
-        if self.peer is not None:
-            self.peer.cut()
+        return self.peer
 
     def close(self) -> None:
         if self.peer is not None:
