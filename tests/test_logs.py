@@ -293,3 +293,32 @@ def test_access_lines_of_one_loop_turn_go_out_together_and_in_order(
     err = capsys.readouterr().err.splitlines()
     assert [line.split(" id=")[1].split()[0] for line in err[:3]] == ["a1", "a2", "a3"]
     assert err[3].endswith("WARNING ntonix: after a3")
+
+
+def test_access_clock_text_per_millisecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The access lines' timestamp, memoised per millisecond, follows the clock across ms and seconds."""
+    from ntonix import logs
+
+    clock = logs._Clock()
+    now = [1764608000.0015]
+    monkeypatch.setattr(logs.time, "time", lambda: now[0])
+    assert clock.now() == "2025-12-01T16:53:20.001Z"
+    now[0] = 1764608000.0019  # same millisecond: the memoised text
+    assert clock.now() == "2025-12-01T16:53:20.001Z"
+    now[0] = 1764608000.0991
+    assert clock.now() == "2025-12-01T16:53:20.099Z"
+    now[0] = 1764608001.0991  # next second, same millisecond digits
+    assert clock.now() == "2025-12-01T16:53:21.099Z"
+
+
+def test_pipeline_request_ids_need_no_quoting() -> None:
+    """Ids written unquoted (`bare_id`): the ids `client_request_id` keeps or makes are bare."""
+    import string
+
+    from ntonix import logs
+    from ntonix.pipeline.exchange import client_request_id
+
+    allowed = string.ascii_letters + string.digits + "._:-"  # exchange._VALID_ID's class
+    assert client_request_id(allowed) == allowed
+    for value in (allowed, client_request_id(None), client_request_id('x"y'), client_request_id("a=b")):
+        assert logs._text_value(value) == value

@@ -779,6 +779,7 @@ class Proxy:
             ex.ttfb_ms,
             ex.model,
             ex.principal.name if ex.principal is not None else None,
+            bare_id=True,  # client_request_id: a valid client id or a UUID4, nothing to quote
         )
 
 
