@@ -88,7 +88,8 @@ class App:
     async def __rsgi__(self, scope: Any, proto: Any) -> None:
         if scope.proto != "http":
             return
-        task = asyncio.current_task()
+        # NOTE: the loop given, asyncio does not look the running one up (a getpid(2) each, Python 3.11)
+        task = asyncio.current_task(self._loop)
         if task is None:  # Granian's Rust task implementation: not cancellable at shutdown
             await self.router(scope, proto)
             return

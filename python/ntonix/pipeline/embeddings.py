@@ -253,7 +253,7 @@ class EmbeddingInputs:
         metrics.embedding_inputs_hit += inputs - sent
         if sent == 0:
             ex.cache = "HIT"
-            metrics.model(ex.route.name, ex.model).cache_hits += 1
+            self.proxy.stats(ex).cache_hits += 1
         else:
             ex.cache = "MISS" if sent >= distinct else "PARTIAL"
 
@@ -274,8 +274,8 @@ class EmbeddingInputs:
         if not whole:
             ex.body = _encode({**request, "input": [item[1] for _, item in send]})
         lease, response = await proxy._forward(proto, headers, pool, ex, buffer=True, cacheable=True)
-        pool.release(ex, lease, proxy._note_usage(ex, usage_of_body(response)))
         body = response.body or b""
+        pool.release(ex, lease, proxy._note_usage(ex, usage_of_body(response.status, body)))
         if not 200 <= response.status < 300:  # passed through as it is; nothing stored
             return (
                 response.status,

@@ -12,6 +12,7 @@ from ntonix.routes.spec import prompt_text
 
 if TYPE_CHECKING:
     from ntonix.auth.keys import Principal
+    from ntonix.observe.metrics import ModelStats
     from ntonix.routes.spec import RequestFacts, RouteSpec
 
 # Response headers the gateway owns: a backend's own (a Varnish or nginx cache in front of it sends
@@ -24,15 +25,19 @@ _decode = msgspec.json.Decoder().decode
 _RANDOM_POOL = 4096  # bytes of os.urandom read at a time: 256 request ids per getrandom(2)
 
 
+# The hex digit of the RFC 4122 variant nibble for each random hex digit: 10xx, the low bits kept.
+_VARIANT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+
+
 class _Random:
     __slots__ = ("at", "pool")
 
     def __init__(self) -> None:
-        self.pool = b""
+        self.pool = ""  # hex digits of one os.urandom read
         self.at = 0
 
     def reset(self) -> None:
-        self.pool, self.at = b"", 0
+        self.pool, self.at = "", 0
 
 
 _random = _Random()
@@ -43,18 +48,20 @@ def new_request_id() -> str:
     """A fresh UUID4 (some servers, llama-cpp-python among them, accept nothing else).
 
     NOTE: `str(uuid.UUID(bytes=os.urandom(16), version=4))` cost ~4 µs per request (a getrandom(2)
-    call, a UUID object, its formatting); the same bits from a pooled os.urandom read, formatted
-    directly, cost ~1 µs.
+    call, a UUID object, its formatting); the same bits from a pooled os.urandom read, hex-encoded
+    once per read and sliced, cost ~0.6 µs.
     """
     r = _random
-    if r.at >= len(r.pool):
-        r.pool, r.at = os.urandom(_RANDOM_POOL), 0
-    b = bytearray(r.pool[r.at : r.at + 16])
-    r.at += 16
-    b[6] = (b[6] & 0x0F) | 0x40  # version 4
-    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = b.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    at = r.at
+    if at >= len(r.pool):
+        r.pool, at = os.urandom(_RANDOM_POOL).hex(), 0
+    h = r.pool
+    r.at = at + 32
+    # version 4 (the 13th digit), variant 10xx (the 17th)
+    return (
+        f"{h[at : at + 8]}-{h[at + 8 : at + 12]}-4{h[at + 13 : at + 16]}-"
+        f"{_VARIANT[h[at + 16]]}{h[at + 17 : at + 20]}-{h[at + 20 : at + 32]}"
+    )
 
 
 def client_request_id(value: str | None) -> str:
@@ -83,6 +90,7 @@ class Exchange:
         "route",
         "session_header",
         "started",
+        "stats",
         "status",
         "ttfb_ms",
     )
@@ -105,6 +113,7 @@ class Exchange:
         self.session_header: str | None = None
         self.client_error = False
         self.principal: Principal | None = None  # the caller's gateway API key, when keys are on
+        self.stats: ModelStats | None = None  # its (route, model) counters, once looked up (Proxy.stats)
 
     def drop_request_body(self) -> None:
         """Forget the request's body and its decoded form once it was sent and cannot be resent.

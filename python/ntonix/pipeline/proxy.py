@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from ntonix.auth.guard import Guard
     from ntonix.cache.redis_tier import RedisTier
     from ntonix.config import Settings
-    from ntonix.observe.metrics import Metrics
+    from ntonix.observe.metrics import Metrics, ModelStats
     from ntonix.routes.spec import RouteSpec
     from ntonix.upstream.backend import Backend
     from ntonix.upstream.pool import BackendPool, Lease
@@ -130,6 +130,13 @@ class Proxy:
         finally:
             self._record(scope, ex)
 
+    def stats(self, ex: Exchange) -> ModelStats:
+        """The counters of the request's route and model, looked up once (its model is resolved)."""
+        stats = ex.stats
+        if stats is None:
+            stats = ex.stats = self.metrics.model(ex.route.name, ex.model)
+        return stats
+
     def _error(self, proto: Any, ex: Exchange, err: GatewayError) -> None:
         body = err.body()
         ex.status = err.status
@@ -193,8 +200,9 @@ class Proxy:
             lease, response = await self._forward(
                 proto, headers, pool, ex, buffer=True, cacheable=key is not None
             )
-            pool.release(ex, lease, self._note_usage(ex, usage_of_body(response)))
-            answer = Answer(response.status, _answer_headers(response.headers), response.body or b"")
+            body = response.body or b""  # NOTE: each `.body` is a fresh copy of the answer: read once
+            pool.release(ex, lease, self._note_usage(ex, usage_of_body(response.status, body)))
+            answer = Answer(response.status, _answer_headers(response.headers), body)
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
@@ -286,7 +294,7 @@ class Proxy:
     async def _serve_hit(
         self, proto: Any, headers: Any, hit: tuple[bytes, str], stream: bool, ex: Exchange
     ) -> None:
-        self.metrics.model(ex.route.name, ex.model).cache_hits += 1
+        self.stats(ex).cache_hits += 1
         body, meta = hit
         ex.cache = "HIT"
         log.debug("request %s: cache hit (%d bytes)", ex.request_id, len(body))
@@ -333,7 +341,7 @@ class Proxy:
         answer = Answer(200, decode_meta(hit[1]), hit[0])
         leader.set_result(answer)
         ex.cache = "HIT"
-        self.metrics.model(ex.route.name, ex.model).cache_hits += 1
+        self.stats(ex).cache_hits += 1
         self._respond_whole(proto, answer, ex)
         return True
 
@@ -474,7 +482,7 @@ class Proxy:
             return None
         if ex.principal is not None and self.guard is not None:
             self.guard.charge(ex.principal, usage.prompt + usage.completion)
-        stats = self.metrics.model(ex.route.name, ex.model)
+        stats = self.stats(ex)
         stats.prompt_tokens += usage.prompt
         stats.completion_tokens += usage.completion
         if usage.cached is not None:
@@ -763,7 +771,7 @@ class Proxy:
     def _record(self, scope: Any, ex: Exchange) -> None:
         latency_ms = (time.perf_counter() - ex.started) * 1000.0
         self.metrics.finish(ex.status, latency_ms, ex.client_error)
-        stats = self.metrics.model(ex.route.name, ex.model)
+        stats = self.stats(ex)
         stats.requests += 1
         if ex.status >= 400:
             stats.errors += 1

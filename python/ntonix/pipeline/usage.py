@@ -8,12 +8,8 @@ keeps the last chunk that did, decoded once at its end.
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
 
 import msgspec
-
-if TYPE_CHECKING:
-    from ntonix._core import UpstreamResponse
 
 
 class _Details(msgspec.Struct):
@@ -65,9 +61,9 @@ def _gunzip(body: bytes) -> bytes | None:
         return None
 
 
-def usage_of_body(response: UpstreamResponse) -> Usage | None:
-    body = response.body
-    if not body or response.status >= 300:
+def usage_of_body(status: int, body: bytes | None) -> Usage | None:
+    """The usage of a whole answer (`status`, `body`: the upstream response's)."""
+    if not body or status >= 300:
         return None
     if b'"usage"' not in body:
         # NOTE: a backend (or an nginx in front of it) may gzip answers for clients that accept it; the
