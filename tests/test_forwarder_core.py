@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ntonix._core import Forwarder, UpstreamConnectError, UpstreamResponse
+from ntonix._core import Forwarder, NtonixError, UpstreamConnectError, UpstreamProtocolError, UpstreamResponse
 
 Script = Callable[[asyncio.StreamWriter], Awaitable[None]]
 SSE_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -426,5 +426,138 @@ def test_a_bad_ca_file_is_refused_at_construction(
     async def main() -> None:
         with pytest.raises(ValueError, match=message):
             Forwarder(asyncio.get_running_loop(), ca_file=str(path))
+
+    run(main())
+
+
+# -- the body pump: one tokio task reads a streamed body for its whole life ------------------------
+
+
+def test_chunks_read_while_the_loop_is_busy_are_answered_at_once_joined_and_in_order() -> None:
+    events = [b'data: {"n":%d}\n\n' % n for n in range(6)]
+    written = asyncio.Event()
+
+    async def paced(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # not with the headers: the first chunk comes from next_chunk
+        for event in events:
+            writer.write(chunk(event))
+            await writer.drain()
+            await asyncio.sleep(0.01)  # one frame each, as a paced backend sends them
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        written.set()
+        await asyncio.sleep(30)
+
+    async def main() -> None:
+        async with serve(paced) as server:
+            with forwarder() as fwd:
+                response = await request(fwd, server.url)
+                assert response.body is None
+                first = await response.next_chunk()  # starts the pump
+                assert first == events[0]
+                await asyncio.wait_for(written.wait(), 5)
+                # The loop is busy (blocked) while the pump reads the rest and the end of the body.
+                time.sleep(0.3)
+                pending = response.next_chunk()
+                assert pending.done(), "queued chunks wait for no hop"
+                rest = await pending
+                assert rest == b"".join(events[1:]), "the queued frames come joined, bytes and order kept"
+                end = response.next_chunk()
+                assert end.done()
+                assert await end is None
+
+    run(main())
+
+
+def test_dropping_a_response_while_its_pump_waits_closes_the_upstream_connection() -> None:
+    async def main() -> None:
+        async with serve(first_chunk_then_silence) as server:
+            with forwarder(idle_timeout=30.0) as fwd:
+                response = await request(fwd, server.url)
+                assert response.body == CHUNK
+                waiting = response.next_chunk()  # the pump now waits on the silent backend
+                await asyncio.sleep(0)
+                assert not server.closed.is_set()
+                del response  # the last reference: nobody will ever read the rest
+                await closed_soon(server)
+                assert await asyncio.wait_for(waiting, 5) is None
+
+    run(main())
+
+
+def test_a_second_next_chunk_while_one_is_awaited_is_refused_and_loses_nothing() -> None:
+    async def main() -> None:
+        async with serve(first_chunk_then_silence) as server:
+            with forwarder(idle_timeout=30.0) as fwd:
+                response = await request(fwd, server.url)
+                waiting = response.next_chunk()
+                with pytest.raises(NtonixError, match="already awaited"):
+                    response.next_chunk()
+                assert not waiting.done()
+                assert not server.closed.is_set(), "the refused call must not give the stream up"
+                response.close()
+                await closed_soon(server)
+                assert await asyncio.wait_for(waiting, 5) is None
+
+    run(main())
+
+
+def test_read_after_next_chunk_is_refused_and_next_chunk_after_read_is_the_end() -> None:
+    async def whole(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunk(CHUNK))
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with serve(whole) as server:
+            with forwarder() as fwd:
+                streamed = await request(fwd, server.url)
+                assert await streamed.next_chunk() == b"data: [DONE]\n\n"
+                with pytest.raises(NtonixError, match="already being read"):
+                    streamed.read()
+                assert await streamed.next_chunk() is None
+            with forwarder() as fwd:
+                whole_body = await request(fwd, server.url)
+                assert whole_body.body == CHUNK
+                assert await whole_body.read() == b"data: [DONE]\n\n"
+                assert await whole_body.next_chunk() is None
+
+    run(main())
+
+
+def test_an_error_after_queued_chunks_comes_after_them_once() -> None:
+    written = asyncio.Event()
+
+    async def broken(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(chunk(CHUNK))
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(chunk(b"data: 2\n\n") + b"ff\r\ncut short")  # a chunk that never completes
+        await writer.drain()
+        written.set()
+        writer.transport.abort()
+
+    async def main() -> None:
+        async with serve(broken) as server:
+            with forwarder() as fwd:
+                response = await request(fwd, server.url)
+                assert await response.next_chunk() == CHUNK
+                await asyncio.wait_for(written.wait(), 5)
+                time.sleep(0.3)  # the loop is busy while the pump meets the broken chunk
+                got = b""
+                with pytest.raises(UpstreamProtocolError):
+                    while True:
+                        part = await response.next_chunk()
+                        assert part is not None, "the error must not be swallowed into an end"
+                        got += part
+                assert got.startswith(b"data: 2\n\n"), got
+                assert await response.next_chunk() is None
 
     run(main())

@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBytes, PyList};
@@ -311,6 +311,133 @@ impl Pending {
     }
 }
 
+/// How a body's feed ended (see `Feed`).
+enum End {
+    Open,
+    Done,
+    Failed(Error),
+}
+
+/// What the pump has read and Python has not taken yet, and the future waiting for it.
+struct FeedState {
+    chunks: Vec<Bytes>,
+    queued: usize,
+    end: End,
+    /// The asyncio future of a `next_chunk` that found nothing to take, with its cancel hook.
+    waiter: Option<(Py<PyAny>, Py<PyAny>)>,
+}
+
+/// One streamed body, read by a single tokio task (the pump) for its whole life.
+///
+/// NOTE: a task spawned per `next_chunk` cost a wake-up of a tokio thread, a task and a lock per
+/// chunk, on the core the loop shares. The pump instead stays parked on the body and hands each
+/// chunk to the waiting future (or queues it, at most `READY_MAX` bytes ahead of the client, when
+/// the loop has not asked yet: the next `next_chunk` then answers at once, without any thread hop).
+struct Feed {
+    state: parking_lot::Mutex<FeedState>,
+    /// Signalled when Python took a queue that had reached `READY_MAX` (the pump waits for room).
+    room: tokio::sync::Notify,
+}
+
+impl Feed {
+    fn new() -> Self {
+        Self {
+            state: parking_lot::Mutex::new(FeedState {
+                chunks: Vec::new(),
+                queued: 0,
+                end: End::Open,
+                waiter: None,
+            }),
+            room: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A chunk read (`Some`) or the end of the body (`None`), from the pump.
+    fn deliver(&self, bridge: &Bridge, item: Result<Option<Bytes>, Error>) {
+        let mut state = self.state.lock();
+        if let Some((future, hook)) = state.waiter.take() {
+            if matches!(item, Ok(None) | Err(_)) {
+                state.end = End::Done;
+            }
+            drop(state);
+            let result =
+                item.map(|chunk| Box::new(move |py: Python<'_>| chunk_to_py(py, chunk)) as Convert);
+            bridge.complete(future, Some(hook), result);
+            return;
+        }
+        match item {
+            Ok(Some(data)) => {
+                state.queued += data.len();
+                state.chunks.push(data);
+            }
+            Ok(None) => state.end = End::Done,
+            Err(err) => state.end = End::Failed(err),
+        }
+    }
+
+    /// The queued chunks joined, if any (the pump is told there is room again).
+    fn take(&self, state: &mut FeedState) -> Option<Bytes> {
+        let full = state.queued >= READY_MAX;
+        let data = match state.chunks.len() {
+            0 => return None,
+            1 => state.chunks.pop(),
+            _ => {
+                let mut joined = BytesMut::with_capacity(state.queued);
+                for chunk in state.chunks.drain(..) {
+                    joined.extend_from_slice(&chunk);
+                }
+                Some(joined.freeze())
+            }
+        };
+        state.queued = 0;
+        if full {
+            self.room.notify_one();
+        }
+        data
+    }
+}
+
+/// Reads `reader` into `feed` until the end, an error or an abort (the client left, `close`, or the
+/// response was dropped); dropping the reader then closes the connection unless it was read whole.
+async fn pump(mut reader: BodyReader, feed: Arc<Feed>, link: Arc<LoopLink>, abort: Arc<Abort>) {
+    loop {
+        // `notify_one` leaves a permit when nobody waits yet, so a take between the check and the
+        // wait is not missed.
+        while feed.state.lock().queued >= READY_MAX {
+            if abort.unless_triggered(feed.room.notified()).await.is_none() {
+                return;
+            }
+        }
+        let item = reader.next_ready(READY_MAX).await;
+        let last = !matches!(item, Ok(Some(_)));
+        feed.deliver(&link.bridge, item);
+        if last {
+            return;
+        }
+    }
+}
+
+fn ready_future(
+    py: Python<'_>,
+    link: &LoopLink,
+    value: Result<Option<Bytes>, Error>,
+) -> PyResult<Py<PyAny>> {
+    let future = link
+        .event_loop
+        .bind(py)
+        .call_method0(pyo3::intern!(py, "create_future"))?;
+    match value {
+        Ok(chunk) => {
+            future.call_method1(pyo3::intern!(py, "set_result"), (chunk_to_py(py, chunk)?,))?
+        }
+        Err(err) => {
+            let exc: PyErr = err.into();
+            future.call_method1(pyo3::intern!(py, "set_exception"), (exc.value(py),))?
+        }
+    };
+    Ok(future.unbind())
+}
+
 /// Status, headers and body of one upstream answer.
 #[pyclass(frozen, module = "ntonix._core")]
 pub struct UpstreamResponse {
@@ -320,7 +447,14 @@ pub struct UpstreamResponse {
     /// The Python list of `headers`, built on first access and handed out as is after that.
     headers_py: PyOnceLock<Py<PyList>>,
     body: Option<Bytes>,
-    reader: Arc<tokio::sync::Mutex<BodyReader>>,
+    /// The Python `bytes` of `body`, built on first access (a whole answer is read more than once:
+    /// for its usage, for the client, for the cache).
+    body_py: PyOnceLock<Option<Py<PyBytes>>>,
+    /// The body until it is read: by `read`, or handed to the pump by the first `next_chunk`.
+    reader: parking_lot::Mutex<Option<BodyReader>>,
+    feed: Arc<Feed>,
+    /// The cancel hook put on every future of `next_chunk` (one per response, not per chunk).
+    hook: PyOnceLock<Py<PyAny>>,
     abort: Arc<Abort>,
     link: Arc<LoopLink>,
 }
@@ -333,15 +467,37 @@ impl UpstreamResponse {
             headers: response.headers,
             headers_py: PyOnceLock::new(),
             body,
-            reader: Arc::new(tokio::sync::Mutex::new(response.body)),
+            body_py: PyOnceLock::new(),
+            reader: parking_lot::Mutex::new(Some(response.body)),
+            feed: Arc::new(Feed::new()),
+            hook: PyOnceLock::new(),
             abort,
             link,
         }
     }
 }
 
+impl Drop for UpstreamResponse {
+    /// A response dropped while its pump runs stops the pump (which closes the connection).
+    fn drop(&mut self) {
+        self.abort.trigger();
+    }
+}
+
 #[pymethods]
 impl UpstreamResponse {
+    /// Lets the cyclic GC see the future waiting for the next chunk (the awaiting task's frame holds
+    /// this response, which holds that future).
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Some(state) = self.feed.state.try_lock() {
+            if let Some((future, hook)) = state.waiter.as_ref() {
+                visit.call(future)?;
+                visit.call(hook)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Response headers without the hop-by-hop ones, lower-case names, in arrival order. Built once:
     /// every access answers the same list (copy it before changing it).
     #[getter]
@@ -355,10 +511,15 @@ impl UpstreamResponse {
     /// The whole body when the request was sent with `buffer=True`. Else the first chunk of the body
     /// if it came with the headers (or within a few milliseconds of them), or `None` when it had not
     /// arrived yet (or the body is empty): the chunks, the first one included, then come from
-    /// `next_chunk`, which answers `None` only at the end of the body.
+    /// `next_chunk`, which answers `None` only at the end of the body. Built once.
     #[getter]
     fn body<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyBytes>> {
-        self.body.as_ref().map(|data| PyBytes::new(py, data))
+        let body = self.body_py.get_or_init(py, || {
+            self.body
+                .as_ref()
+                .map(|data| PyBytes::new(py, data).unbind())
+        });
+        body.as_ref().map(|data| data.bind(py).clone())
     }
 
     /// The `content-type` header, if any.
@@ -370,20 +531,76 @@ impl UpstreamResponse {
             .map(|(_, value)| value.clone())
     }
 
-    /// Awaitable of the next body chunk as the backend sent it, with the chunks right behind it
-    /// that have already arrived joined to it (at most `READY_MAX` bytes), or `None` at the end.
+    /// Awaitable of the next body chunk as the backend sent it, with the chunks behind it that have
+    /// already arrived joined to it (about `READY_MAX` bytes at most), or `None` at the end.
     /// Cancelling it closes the upstream connection (the rest of the body is given up).
     fn next_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let reader = self.reader.clone();
-        let work = async move { reader.lock().await.next_ready(READY_MAX).await };
-        let on_cancel = OnCancel::Trigger(self.abort.clone());
-        Ok(self.link.spawn(py, work, chunk_to_py, on_cancel)?.0)
+        let mut state = self.feed.state.lock();
+        if let Some(reader) = self.reader.lock().take() {
+            let runtime = runtime::get()?;
+            runtime.spawn(pump(
+                reader,
+                self.feed.clone(),
+                self.link.clone(),
+                self.abort.clone(),
+            ));
+        }
+        if let Some(data) = self.feed.take(&mut state) {
+            drop(state);
+            return ready_future(py, &self.link, Ok(Some(data)));
+        }
+        match std::mem::replace(&mut state.end, End::Done) {
+            End::Done => {
+                drop(state);
+                return ready_future(py, &self.link, Ok(None));
+            }
+            End::Failed(err) => {
+                drop(state);
+                return ready_future(py, &self.link, Err(err));
+            }
+            End::Open => state.end = End::Open,
+        }
+        if let Some((future, _)) = state.waiter.as_ref() {
+            if !future
+                .bind(py)
+                .call_method0(pyo3::intern!(py, "done"))?
+                .is_truthy()?
+            {
+                return Err(Error::Runtime(
+                    "next_chunk() is already awaited for this response".into(),
+                )
+                .into());
+            }
+        }
+        let abort = self.abort.clone();
+        let hook = self.hook.get_or_try_init(py, || {
+            let on_cancel: Box<dyn Fn() + Send + Sync> = Box::new(move || abort.trigger());
+            Py::new(py, CancelHook { on_cancel }).map(Py::into_any)
+        })?;
+        let future = self
+            .link
+            .event_loop
+            .bind(py)
+            .call_method0(pyo3::intern!(py, "create_future"))?;
+        future.call_method1(
+            pyo3::intern!(py, "add_done_callback"),
+            (hook.clone_ref(py),),
+        )?;
+        let future = future.unbind();
+        state.waiter = Some((future.clone_ref(py), hook.clone_ref(py)));
+        Ok(future)
     }
 
     /// Awaitable of the rest of the body in one `bytes`; cancelling it closes the connection.
     fn read(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
-        let reader = self.reader.clone();
-        let work = async move { reader.lock().await.read_all().await.map(Some) };
+        let Some(mut reader) = self.reader.lock().take() else {
+            return Err(Error::Runtime(
+                "the body is already being read (next_chunk or read)".into(),
+            )
+            .into());
+        };
+        self.feed.state.lock().end = End::Done; // a later `next_chunk` answers the end
+        let work = async move { reader.read_all().await.map(Some) };
         let on_cancel = OnCancel::Trigger(self.abort.clone());
         Ok(self.link.spawn(py, work, chunk_to_py, on_cancel)?.0)
     }
@@ -391,8 +608,10 @@ impl UpstreamResponse {
     /// Stop reading: the upstream connection is closed (not pooled), so the backend stops.
     fn close(&self) {
         self.abort.trigger();
-        if let Ok(mut reader) = self.reader.try_lock() {
+        let reader = self.reader.lock().take();
+        if let Some(mut reader) = reader {
             reader.abort();
+            self.feed.state.lock().end = End::Done;
         }
     }
 }
