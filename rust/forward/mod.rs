@@ -536,15 +536,20 @@ impl UpstreamResponse {
     /// Cancelling it closes the upstream connection (the rest of the body is given up).
     fn next_chunk(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let mut state = self.feed.state.lock();
-        if let Some(reader) = self.reader.lock().take() {
+        let mut slot = self.reader.lock();
+        if slot.is_some() {
+            // The runtime first: a failure here leaves the body where it was (nothing is lost).
             let runtime = runtime::get()?;
-            runtime.spawn(pump(
-                reader,
-                self.feed.clone(),
-                self.link.clone(),
-                self.abort.clone(),
-            ));
+            if let Some(reader) = slot.take() {
+                runtime.spawn(pump(
+                    reader,
+                    self.feed.clone(),
+                    self.link.clone(),
+                    self.abort.clone(),
+                ));
+            }
         }
+        drop(slot);
         if let Some(data) = self.feed.take(&mut state) {
             drop(state);
             return ready_future(py, &self.link, Ok(Some(data)));
