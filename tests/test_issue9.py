@@ -192,6 +192,54 @@ def test_fault_01_gzip_answer_replayed_with_content_encoding(
             assert (gzip.decompress(raw) if encoded else raw) == plain
 
 
+def test_shared_answers_gzipped_against_identity_are_undone_for_clients_that_cannot_read_them(
+    procs: Processes, httpserver: HTTPServer
+) -> None:
+    # A backend that gzips whatever it is asked, answering only once two identical requests wait on
+    # the first (coalesced): the leader's client and each waiter get what their own Accept-Encoding
+    # allows, as a cache hit does (the gateway asked the backend for identity on their behalf).
+    plain = json.dumps({"id": "c2", "object": "chat.completion", "choices": []}).encode()
+    gw_box: list[Proc] = []
+
+    def gzip_after_two_joined(request: Request) -> Response:
+        wait_for(lambda: metrics(gw_box[0])["cache_coalesced"] >= 2, timeout=20, what="2 coalesced")
+        return Response(
+            gzip.compress(plain),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request(CHAT).respond_with_handler(gzip_after_two_joined)
+    gw = procs.gateway([f"127.0.0.1:{httpserver.port}"])
+    gw_box.append(gw)
+    body = json.dumps(chat_body("shared and compressed")).encode()
+
+    def raw_post(accept: str) -> tuple[httpx.Response, bytes]:
+        with httpx.Client(timeout=30) as client:
+            request = client.build_request(
+                "POST", gw.url + CHAT, content=body, headers={**JSON_HEADERS, "accept-encoding": accept}
+            )
+            response = client.send(request, stream=True)
+            raw = b"".join(response.iter_raw())
+            response.close()
+            return response, raw
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        leader = pool.submit(raw_post, "identity")
+        # the leader's miss and its in-flight entry are one synchronous step of the gateway's loop
+        wait_for(lambda: metrics(gw)["cache_misses"] >= 1, what="the leader in flight")
+        waiters = [pool.submit(raw_post, accept) for accept in ("identity", "gzip")]
+        answers = [leader.result(), *(w.result() for w in waiters)]
+    for (response, raw), (accept, cache) in zip(
+        answers, (("identity", "MISS"), ("identity", "COALESCED"), ("gzip", "COALESCED")), strict=True
+    ):
+        assert response.status_code == 200 and response.headers["x-cache"] == cache, response.headers
+        encoded = accept == "gzip"
+        assert (response.headers.get("content-encoding") == "gzip") is encoded, (accept, response.headers)
+        assert (gzip.decompress(raw) if encoded else raw) == plain
+    assert len([entry for entry in httpserver.log if entry[0].path == CHAT]) == 1
+
+
 def test_fault_02_port_in_use_stops_start_up_with_one_line_and_exit_2(procs: Processes) -> None:
     mock = procs.mock()
     first = procs.gateway([addr(mock)])

@@ -74,6 +74,8 @@ class Answer(msgspec.Struct, frozen=True):
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    # Its Content-Encoding when it may be shared (keyed): undone for a client that does not accept it.
+    encoding: str | None = None
 
 
 class Proxy:
@@ -181,7 +183,8 @@ class Proxy:
                 if hit is not None:
                     await self._serve_hit(proto, headers, hit, facts.stream, ex)
                     return
-                if not facts.stream and key in self.inflight and await self._join_leader(proto, key, ex):
+                joined = not facts.stream and key in self.inflight
+                if joined and await self._join_leader(proto, headers, key, ex):
                     return
             log.debug("request %s: cache %s", ex.request_id, "refresh (no-cache)" if no_cache else "miss")
         if facts.stream:
@@ -194,7 +197,7 @@ class Proxy:
         if key is not None and not no_cache:
             leader = asyncio.get_running_loop().create_future()
             self.inflight[key] = leader
-            if self.shared is not None and await self._from_fleet(proto, key, leader, ex):
+            if self.shared is not None and await self._from_fleet(proto, headers, key, leader, ex):
                 return
         try:
             lease, response = await self._forward(
@@ -202,7 +205,9 @@ class Proxy:
             )
             body = response.body or b""  # NOTE: each `.body` is a fresh copy of the answer: read once
             pool.release(ex, lease, self._note_usage(ex, usage_of_body(response.status, body)))
-            answer = Answer(response.status, _answer_headers(response.headers), body)
+            out = _answer_headers(response.headers)
+            encoding = header_value(out, "content-encoding") if key is not None else None
+            answer = Answer(response.status, out, body, encoding)
         except BaseException as exc:
             if leader is not None:
                 self._release_waiters(key, leader, exc)
@@ -221,7 +226,7 @@ class Proxy:
             if self.inflight.get(key) is leader:  # type: ignore[arg-type]
                 del self.inflight[key]  # type: ignore[arg-type]
             leader.set_result(answer)
-        self._respond_whole(proto, answer, ex)
+        self._respond_whole(proto, answer, ex, headers)
 
     async def _admit(self, proto: Any, headers: Any, route: RouteSpec) -> bytes:
         """415 for a body that is not JSON (on JSON routes), 413 for one over the limit; the body."""
@@ -300,11 +305,8 @@ class Proxy:
         log.debug("request %s: cache hit (%d bytes)", ex.request_id, len(body))
         ex.status = 200
         out = decode_meta(meta)
-        if len(out) > 1 and not _accepts(headers.get("accept-encoding"), out[1][1]):
-            # stored as the backend compressed it; this client cannot decode that
-            with contextlib.suppress(OSError, EOFError, zlib.error):  # corrupt: served as it was stored
-                body = gzip.decompress(body) if out[1][1].lower() == "gzip" else body
-                out = out[:1]
+        if len(out) > 1:  # stored as the backend compressed it
+            out, body = _for_client(headers.get("accept-encoding"), out, body, out[1][1])
         out += [("x-request-id", ex.request_id), ("x-cache", "HIT")]
         if stream:
             await self._replay_stream(proto, out, body, ex)
@@ -312,7 +314,7 @@ class Proxy:
             ex.bytes_sent = len(body)
             proto.response_bytes(200, out, body)
 
-    async def _join_leader(self, proto: Any, key: int, ex: Exchange) -> bool:
+    async def _join_leader(self, proto: Any, headers: Any, key: int, ex: Exchange) -> bool:
         """Answer with the identical request already in flight; False when it gave no answer."""
         leader = self.inflight[key]
         self.metrics.coalesced += 1
@@ -323,10 +325,12 @@ class Proxy:
                 raise  # this client left
             return False  # the leader's client left: make our own request
         ex.cache = "COALESCED"
-        self._respond_whole(proto, answer, ex)
+        self._respond_whole(proto, answer, ex, headers)
         return True
 
-    async def _from_fleet(self, proto: Any, key: int, leader: asyncio.Future[Answer], ex: Exchange) -> bool:
+    async def _from_fleet(
+        self, proto: Any, headers: Any, key: int, leader: asyncio.Future[Answer], ex: Exchange
+    ) -> bool:
         """Fleet single-flight (`cache.redis_lock_ms`): the answer another gateway computed, if any."""
         assert self.shared is not None
         try:
@@ -338,11 +342,12 @@ class Proxy:
             return False  # this process computes it (holding the lock, or done waiting)
         if self.inflight.get(key) is leader:
             del self.inflight[key]
-        answer = Answer(200, decode_meta(hit[1]), hit[0])
+        meta = decode_meta(hit[1])
+        answer = Answer(200, meta, hit[0], meta[1][1] if len(meta) > 1 else None)
         leader.set_result(answer)
         ex.cache = "HIT"
         self.stats(ex).cache_hits += 1
-        self._respond_whole(proto, answer, ex)
+        self._respond_whole(proto, answer, ex, headers)
         return True
 
     def _release_waiters(self, key: int | None, leader: asyncio.Future[Answer], exc: BaseException) -> None:
@@ -489,13 +494,18 @@ class Proxy:
             stats.cached_tokens += usage.cached
         return usage.cached
 
-    def _respond_whole(self, proto: Any, answer: Answer, ex: Exchange) -> None:
-        headers = [*answer.headers, ("x-request-id", ex.request_id)]
+    def _respond_whole(self, proto: Any, answer: Answer, ex: Exchange, asked: Any) -> None:
+        """`answer` to this client, whose request headers are `asked`: a shared answer the backend
+        compressed although the gateway asked for identity is undone when this client cannot read it."""
+        out, body = answer.headers, answer.body
+        if answer.encoding is not None:
+            out, body = _for_client(asked.get("accept-encoding"), out, body, answer.encoding)
+        headers = [*out, ("x-request-id", ex.request_id)]
         if ex.cache != "-":
             headers.append(("x-cache", ex.cache))
         ex.status = answer.status
-        ex.bytes_sent = len(answer.body)
-        proto.response_bytes(answer.status, headers, answer.body)
+        ex.bytes_sent = len(body)
+        proto.response_bytes(answer.status, headers, body)
 
     def _usage_tap(self, ex: Exchange) -> UsageTap | None:
         """For a key with a tpm: ask the backend for the stream's usage; the tap that strips it again."""
@@ -794,6 +804,21 @@ class Proxy:
 def _answer_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The backend's headers as the client gets them: its request id and X-Cache replaced by ours."""
     return [(name, value) for name, value in headers if name not in OWN_RESPONSE_HEADERS]
+
+
+def _for_client(
+    accept_encoding: str | None, headers: list[tuple[str, str]], body: bytes, encoding: str
+) -> tuple[list[tuple[str, str]], bytes]:
+    """A stored or shared answer's headers and body for a client sending `accept_encoding`: gzip the
+    client does not accept is decompressed (and its Content-Encoding dropped); any other encoding,
+    and a body that does not decompress, go as they were stored."""
+    if encoding.lower() != "gzip" or _accepts(accept_encoding, encoding):
+        return headers, body
+    try:
+        plain = gzip.decompress(body)
+    except (OSError, EOFError, zlib.error):
+        return headers, body
+    return [(name, value) for name, value in headers if name != "content-encoding"], plain
 
 
 def _accepts(accept_encoding: str | None, encoding: str) -> bool:
