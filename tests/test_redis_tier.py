@@ -8,6 +8,8 @@ another gateway: one request there, never a poll that would fill its own L1.
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 import subprocess
 import threading
@@ -19,6 +21,8 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
 
 from ntonix.cache.redis_tier import HEADER, BadValueError, decode_value, encode_value
 from tests.conftest import Proc, Processes, chat_body, free_port, wait_for
@@ -422,3 +426,56 @@ def test_fleet_waiter_goes_upstream_when_the_lock_holder_fails(
     assert answers["two"].status_code == 200 and answers["two"].headers["x-cache"] == "MISS"
     assert waited < 10  # released at once, not held for the lock's 20 s
     assert redis_stats(two)["lock_waits"] == 1 and redis_stats(two)["lock_hits"] == 0
+
+
+def test_fleet_lock_waiter_gets_a_gzip_answer_undone_when_it_does_not_accept_gzip(
+    procs: Processes, redis_server: RedisServer, httpserver: HTTPServer
+) -> None:
+    # A backend that gzips although asked for identity, answering only once gateway two waits on the
+    # lock gateway one holds: both clients, neither accepting gzip, get the plain bytes.
+    plain = json.dumps({"id": "f1", "object": "chat.completion", "choices": []}).encode()
+    fleet: list[Proc] = []
+
+    def gzip_once_two_waits(request: Request) -> Response:
+        wait_for(lambda: redis_stats(fleet[1])["lock_waits"] >= 1, 20, what="gateway two on the lock")
+        return Response(
+            gzip.compress(plain), headers={"content-type": "application/json", "content-encoding": "gzip"}
+        )
+
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/v1/chat/completions").respond_with_handler(gzip_once_two_waits)
+    # a generous Redis timeout: a read stalled by a loaded machine is not an error here
+    config = {"cache": {"redis_url": redis_server.url, "redis_timeout_ms": 1000, "redis_lock_ms": 10_000}}
+    fleet.extend(procs.gateway([f"127.0.0.1:{httpserver.port}"], config=config) for _ in range(2))
+    one, two = fleet
+    connected(one)
+    connected(two)
+    payload = json.dumps(chat_body("gzipped for the fleet")).encode()
+    answers: dict[str, tuple[httpx.Response, bytes]] = {}
+
+    def send(name: str, gw: Proc) -> None:
+        with httpx.Client(timeout=30) as client:
+            request = client.build_request(
+                "POST",
+                gw.url + "/v1/chat/completions",
+                content=payload,
+                headers={"content-type": "application/json", "accept-encoding": "identity"},
+            )
+            response = client.send(request, stream=True)
+            answers[name] = (response, b"".join(response.iter_raw()))
+            response.close()
+
+    first = threading.Thread(target=send, args=("one", one))
+    first.start()
+    wait_for(lambda: redis_stats(one)["locks"] == 1, 10, what="gateway one holding the lock")
+    second = threading.Thread(target=send, args=("two", two))
+    second.start()
+    first.join(30)
+    second.join(30)
+    for name, cache in (("one", "MISS"), ("two", "HIT")):
+        response, raw = answers[name]
+        assert response.status_code == 200 and response.headers["x-cache"] == cache, response.headers
+        assert "content-encoding" not in response.headers, (name, response.headers)
+        assert raw == plain, name
+    assert (redis_stats(two)["lock_waits"], redis_stats(two)["lock_hits"]) == (1, 1)
+    assert len([entry for entry in httpserver.log if entry[0].path == "/v1/chat/completions"]) == 1
