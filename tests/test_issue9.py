@@ -59,6 +59,21 @@ def post(
     )
 
 
+def raw_post(gateway: Proc, content: bytes, accept_encoding: str) -> tuple[httpx.Response, bytes]:
+    """POST `content` with this Accept-Encoding; the response and its body as sent (not decoded)."""
+    with httpx.Client(timeout=30) as client:
+        request = client.build_request(
+            "POST",
+            gateway.url + CHAT,
+            content=content,
+            headers={**JSON_HEADERS, "accept-encoding": accept_encoding},
+        )
+        response = client.send(request, stream=True)
+        raw = b"".join(response.iter_raw())
+        response.close()
+        return response, raw
+
+
 def metrics(gateway: Proc) -> dict[str, Any]:
     return dict(httpx.get(gateway.url + "/metrics", timeout=10).json())
 
@@ -176,20 +191,11 @@ def test_fault_01_gzip_answer_replayed_with_content_encoding(
     gz = procs.gateway([f"127.0.0.1:{httpserver.port}"])
     first = post(gz, body, {"accept-encoding": "gzip"})
     assert first.headers["x-cache"] == "MISS" and first.content == plain
-    with httpx.Client(timeout=30) as client:
-        for accept, encoded in (("gzip", True), ("identity", False)):
-            request = client.build_request(
-                "POST",
-                gz.url + CHAT,
-                content=json.dumps(body),
-                headers={**JSON_HEADERS, "accept-encoding": accept},
-            )
-            response = client.send(request, stream=True)
-            raw = b"".join(response.iter_raw())
-            response.close()
-            assert response.headers["x-cache"] == "HIT"
-            assert (response.headers.get("content-encoding") == "gzip") is encoded, response.headers
-            assert (gzip.decompress(raw) if encoded else raw) == plain
+    for accept, encoded in (("gzip", True), ("identity", False)):
+        response, raw = raw_post(gz, json.dumps(body).encode(), accept)
+        assert response.headers["x-cache"] == "HIT"
+        assert (response.headers.get("content-encoding") == "gzip") is encoded, response.headers
+        assert (gzip.decompress(raw) if encoded else raw) == plain
 
 
 def test_shared_answers_gzipped_against_identity_are_undone_for_clients_that_cannot_read_them(
@@ -214,21 +220,11 @@ def test_shared_answers_gzipped_against_identity_are_undone_for_clients_that_can
     gw_box.append(gw)
     body = json.dumps(chat_body("shared and compressed")).encode()
 
-    def raw_post(accept: str) -> tuple[httpx.Response, bytes]:
-        with httpx.Client(timeout=30) as client:
-            request = client.build_request(
-                "POST", gw.url + CHAT, content=body, headers={**JSON_HEADERS, "accept-encoding": accept}
-            )
-            response = client.send(request, stream=True)
-            raw = b"".join(response.iter_raw())
-            response.close()
-            return response, raw
-
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        leader = pool.submit(raw_post, "identity")
+        leader = pool.submit(raw_post, gw, body, "identity")
         # the leader's miss and its in-flight entry are one synchronous step of the gateway's loop
         wait_for(lambda: metrics(gw)["cache_misses"] >= 1, what="the leader in flight")
-        waiters = [pool.submit(raw_post, accept) for accept in ("identity", "gzip")]
+        waiters = [pool.submit(raw_post, gw, body, accept) for accept in ("identity", "gzip")]
         answers = [leader.result(), *(w.result() for w in waiters)]
     for (response, raw), (accept, cache) in zip(
         answers, (("identity", "MISS"), ("identity", "COALESCED"), ("gzip", "COALESCED")), strict=True
