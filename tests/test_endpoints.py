@@ -140,6 +140,24 @@ def test_chat_whole_and_streamed(fresh: Cluster) -> None:
     assert served(fresh.a, CHAT) == 2 and served(fresh.b, CHAT) == 0
 
 
+def test_query_string_goes_upstream_and_keys_the_cache(fresh: Cluster) -> None:
+    """A query (Azure-style `api-version`) reaches the backend on the model routes too, and an answer
+    cached for one query is not served for another, nor for none."""
+    gw = fresh.gateway
+    body = chat("llama", "with a query")
+    first = post(gw, CHAT + "?api-version=2024-06-01", body)
+    assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
+    assert post(gw, CHAT + "?api-version=2024-06-01", body).headers["x-cache"] == "HIT"
+    assert post(gw, CHAT + "?api-version=2025-01-01", body).headers["x-cache"] == "MISS"
+    assert post(gw, CHAT, body).headers["x-cache"] == "MISS"
+    embedded = post(gw, EMBEDDINGS + "?api-version=2024-06-01", {"model": "embed", "input": "q"})
+    assert embedded.status_code == 200 and embedded.headers["x-cache"] == "MISS"
+    assert post(gw, EMBEDDINGS, {"model": "embed", "input": "q"}).headers["x-cache"] == "MISS"
+    queries = [r["query"] for r in mock_requests(fresh.a, CHAT)]
+    assert queries == ["api-version=2024-06-01", "api-version=2025-01-01", ""]
+    assert [r["query"] for r in mock_requests(fresh.b, EMBEDDINGS)] == ["api-version=2024-06-01", ""]
+
+
 def test_completions_whole_and_streamed(fresh: Cluster) -> None:
     gw = fresh.gateway
     body = {"model": "coder", "prompt": fresh_text("def add"), "max_tokens": 6}

@@ -85,6 +85,7 @@ class Exchange:
         "path",
         "principal",
         "prompt",
+        "query",
         "request",
         "request_id",
         "route",
@@ -99,7 +100,8 @@ class Exchange:
         self.request_id = request_id
         self.started = started
         self.route = route
-        self.path = route.path  # the upstream path, after the backend's base URL
+        self.path = route.path  # the upstream path, after the backend's base URL (and ?query)
+        self.query = ""  # the client's query string, sent on upstream and part of the cache key
         self.backend = "-"
         self.cache = "-"
         self.status = 500

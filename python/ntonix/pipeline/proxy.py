@@ -115,7 +115,11 @@ class Proxy:
         headers = scope.headers
         ex = Exchange(client_request_id(headers.get("x-request-id")), time.perf_counter(), route)
         if route.validate is None:  # an unknown route goes upstream as the client named it
-            ex.path = f"{scope.path}?{scope.query_string}" if scope.query_string else scope.path
+            ex.path = scope.path
+        query = scope.query_string
+        if query:  # e.g. Azure's `api-version`: sent on, and a different query is another answer
+            ex.query = query
+            ex.path = f"{ex.path}?{query}"
         try:
             if self.guard is not None:  # authenticate → admit: 401, 429; answers carry x-ratelimit-*
                 proto = await self.guard.admit(headers, ex, proto)
@@ -288,13 +292,17 @@ class Proxy:
 
     def _scope(self, headers: Any, pool: BackendPool, ex: Exchange) -> str:
         """The credential scope of cached answers: the client's Authorization when it reaches a backend,
-        the gateway key with `cache.scope: key` (with gateway keys on, no client Authorization goes up)."""
+        the gateway key with `cache.scope: key` (with gateway keys on, no client Authorization goes up);
+        and the request's query string, which the backend also reads."""
         if ex.principal is not None and self.guard is not None:
-            return self.guard.scope(ex.principal)
-        authorization = headers.get("authorization")
-        if not authorization or all(b.api_key is not None for b in pool.backends):
-            return ""
-        return credential_scope(authorization)
+            scope = self.guard.scope(ex.principal)
+        else:
+            authorization = headers.get("authorization")
+            if not authorization or all(b.api_key is not None for b in pool.backends):
+                scope = ""
+            else:
+                scope = credential_scope(authorization)
+        return f"{scope}?{ex.query}" if ex.query else scope
 
     async def _serve_hit(
         self, proto: Any, headers: Any, hit: tuple[bytes, str], stream: bool, ex: Exchange
