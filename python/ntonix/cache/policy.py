@@ -12,7 +12,8 @@ The key is policy, so it lives here and not in Rust. It is built in two steps:
    the route, the resolved model (an alias and its target share entries), and
    the credential scope (a hash of the client's `Authorization` when that
    header is forwarded to the backend, or of the gateway key with
-   `cache.scope: key`; never the value itself).
+   `cache.scope: key`; never the value itself), and the request's query string
+   when it has one (it goes to the backend too: `?api-version=…`).
 
 Cacheable: routes whose spec says so, when the client did not send
 `Cache-Control: no-store`; streaming requests only with `cache.streaming`.
