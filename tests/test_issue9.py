@@ -74,6 +74,13 @@ def raw_post(gateway: Proc, content: bytes, accept_encoding: str) -> tuple[httpx
         return response, raw
 
 
+def gzip_response(plain: bytes) -> Response:
+    """A backend's JSON answer gzipped whatever the request's Accept-Encoding said."""
+    return Response(
+        gzip.compress(plain), headers={"content-type": "application/json", "content-encoding": "gzip"}
+    )
+
+
 def metrics(gateway: Proc) -> dict[str, Any]:
     return dict(httpx.get(gateway.url + "/metrics", timeout=10).json())
 
@@ -181,10 +188,7 @@ def test_fault_01_gzip_answer_replayed_with_content_encoding(
     plain = json.dumps({"id": "c1", "object": "chat.completion", "choices": []}).encode()
 
     def always_gzip(request: Request) -> Response:
-        return Response(
-            gzip.compress(plain),
-            headers={"content-type": "application/json", "content-encoding": "gzip"},
-        )
+        return gzip_response(plain)
 
     httpserver.expect_request("/health").respond_with_json({"status": "ok"})
     httpserver.expect_request(CHAT).respond_with_handler(always_gzip)
@@ -209,10 +213,7 @@ def test_shared_answers_gzipped_against_identity_are_undone_for_clients_that_can
 
     def gzip_after_two_joined(request: Request) -> Response:
         wait_for(lambda: metrics(gw_box[0])["cache_coalesced"] >= 2, timeout=20, what="2 coalesced")
-        return Response(
-            gzip.compress(plain),
-            headers={"content-type": "application/json", "content-encoding": "gzip"},
-        )
+        return gzip_response(plain)
 
     httpserver.expect_request("/health").respond_with_json({"status": "ok"})
     httpserver.expect_request(CHAT).respond_with_handler(gzip_after_two_joined)

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 def gateway(procs: Processes, mock: Proc, url: str, **cache: Any) -> Proc:
     config = {"cache": {"redis_url": url, "redis_timeout_ms": TIMEOUT_MS, "streaming": True, **cache}}
     return procs.gateway([f"127.0.0.1:{mock.port}"], config=config)
+
+
+def one_then_two(
+    send: Callable[[str, Proc], None], one: Proc, two: Proc, first_in: Callable[[], Any], what: str
+) -> None:
+    """`send("one", one)`, then, once `first_in()` holds, `send("two", two)`; both on threads, joined."""
+    first = threading.Thread(target=send, args=("one", one))
+    first.start()
+    wait_for(first_in, 10, what=what)
+    second = threading.Thread(target=send, args=("two", two))
+    second.start()
+    first.join(30)
+    second.join(30)
 
 
 def redis_stats(gw: Proc) -> dict[str, Any]:
@@ -385,13 +398,7 @@ def test_fleet_single_flight_one_backend_call_for_two_gateways(
     def send(name: str, gw: Proc) -> None:
         answers[name] = httpx.post(gw.url + "/v1/chat/completions", json=payload, headers=slow, timeout=30)
 
-    first = threading.Thread(target=send, args=("one", one))
-    first.start()
-    wait_for(lambda: mock_stats(mock)["in_flight"] == 1, 10, what="the first request upstream")
-    second = threading.Thread(target=send, args=("two", two))
-    second.start()
-    first.join(30)
-    second.join(30)
+    one_then_two(send, one, two, lambda: mock_stats(mock)["in_flight"] == 1, "the first request upstream")
     assert answers["one"].status_code == answers["two"].status_code == 200
     assert answers["one"].headers["x-cache"] == "MISS"
     assert answers["two"].headers["x-cache"] == "HIT"
@@ -469,13 +476,7 @@ def test_fleet_lock_waiter_gets_a_gzip_answer_undone_when_it_does_not_accept_gzi
             answers[name] = (response, b"".join(response.iter_raw()))
             response.close()
 
-    first = threading.Thread(target=send, args=("one", one))
-    first.start()
-    wait_for(lambda: redis_stats(one)["locks"] == 1, 10, what="gateway one holding the lock")
-    second = threading.Thread(target=send, args=("two", two))
-    second.start()
-    first.join(30)
-    second.join(30)
+    one_then_two(send, one, two, lambda: redis_stats(one)["locks"] == 1, "gateway one holding the lock")
     for name, cache in (("one", "MISS"), ("two", "HIT")):
         response, raw = answers[name]
         assert response.status_code == 200 and response.headers["x-cache"] == cache, response.headers
